@@ -1,0 +1,282 @@
+"""The only module that talks to Groq: one AsyncGroq client, its calls, and its errors mapped once.
+
+Calls go through the SDK's documented `client.post(..., cast_to=httpx.Response)`, so auth, retries
+and status errors are the SDK's, while the body is parsed once with `json` instead of being built
+into typed models only to be turned back into JSON. Message text is never logged here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import groq
+import httpx
+
+from config import Settings, load_settings
+from errors import (
+    NotConfigured,
+    RateLimited,
+    ServiceError,
+    UpstreamAuth,
+    UpstreamError,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+
+CHAT_PATH = "/openai/v1/chat/completions"
+MODELS_PATH = "/openai/v1/models"
+_INCLUDE_USAGE = {"include_usage": True}
+
+
+@dataclass(frozen=True, slots=True)
+class ChatResult:
+    content: str
+    model: str
+    usage: dict[str, int] | None
+    finish_reason: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"content": self.content, "model": self.model, "usage": self.usage, "finish_reason": self.finish_reason}
+
+
+class Upstream:
+    """One shared AsyncGroq client (one connection pool), created at start-up and closed at shutdown."""
+
+    def __init__(self, settings: Settings) -> None:
+        if not settings.groq_api_key:
+            raise NotConfigured("GROQ_API_KEY is not set; the operator must set it to use /chat.")
+        self._timeout = settings.groq_timeout
+        self._idle_timeout = settings.stream_idle_timeout
+        self._client = groq.AsyncGroq(
+            api_key=settings.groq_api_key,
+            base_url=settings.groq_base_url,
+            timeout=settings.groq_timeout,
+            max_retries=settings.groq_max_retries,
+        )
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    async def complete(self, body: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+        """POST a chat completion; returns Groq's raw body and its parsed form."""
+        with _mapped_errors():
+            async with asyncio.timeout(self._timeout):
+                response = await self._client.post(CHAT_PATH, body=body, cast_to=httpx.Response)
+            raw = response.content
+            return raw, _json_object(raw)
+
+    async def chat(self, messages: list[dict[str, str]], model: str, params: dict[str, Any]) -> ChatResult:
+        _, data = await self.complete({"messages": messages, "model": model, **params})
+        return _result(data)
+
+    async def models(self) -> dict[str, Any]:
+        with _mapped_errors():
+            async with asyncio.timeout(self._timeout):
+                response = await self._client.get(MODELS_PATH, cast_to=httpx.Response)
+            return _json_object(response.content)
+
+    async def stream_events(self, body: dict[str, Any]) -> AsyncIterator[list[tuple[bytes, Any]]]:
+        """Yield, per read from Groq, its complete SSE events as (raw event, parsed data).
+
+        GROQ_TIMEOUT bounds everything up to the first read, GROQ_STREAM_IDLE_TIMEOUT each later one.
+        The upstream response is closed however the caller stops, so Groq stops generating.
+        """
+        body = {**body, "stream": True, "stream_options": body.get("stream_options") or _INCLUDE_USAGE}
+        deadline = asyncio.get_running_loop().time() + self._timeout
+        with _mapped_errors():
+            async with asyncio.timeout_at(deadline):
+                response = await self._client.post(
+                    CHAT_PATH, body=body, cast_to=httpx.Response, stream=True, stream_cls=groq.AsyncStream[Any]
+                )
+            try:
+                reads = response.aiter_bytes()
+                pending = b""
+                done = False
+                while not done:
+                    async with asyncio.timeout_at(deadline) if deadline else asyncio.timeout(self._idle_timeout):
+                        data = await anext(reads, None)
+                    deadline = 0.0
+                    if data is None:
+                        raise UpstreamError("Groq ended the stream before it was complete; try again.")
+                    events, pending = _split_events(pending + data)
+                    if events:
+                        done = events[-1][1] == "[DONE]"
+                        yield events
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await response.aclose()
+
+    async def chat_stream(
+        self, messages: list[dict[str, str]], model: str, params: dict[str, Any]
+    ) -> AsyncIterator[list[str] | ChatResult]:
+        """Yield lists of text deltas (one list per read from Groq), then the final ChatResult."""
+        final: dict[str, Any] = {"model": model}
+        finish_reason = None
+        async for events in self.stream_events({"messages": messages, "model": model, **params}):
+            deltas = []
+            for _, data in events:
+                if data == "[DONE]":
+                    continue
+                final["model"] = data.get("model") or final["model"]
+                usage = data.get("usage") or (data.get("x_groq") or {}).get("usage")
+                if usage:
+                    final["usage"] = usage
+                for choice in data.get("choices") or ():
+                    content = (choice.get("delta") or {}).get("content")
+                    if content:
+                        deltas.append(content)
+                    finish_reason = choice.get("finish_reason") or finish_reason
+            if deltas:
+                yield deltas
+        yield ChatResult("", str(final["model"]), _usage(final.get("usage")), finish_reason)
+
+
+def _split_events(buffer: bytes) -> tuple[list[tuple[bytes, Any]], bytes]:
+    """Complete SSE events in `buffer` as (raw event, parsed data), and the incomplete rest."""
+    if b"\r" in buffer:
+        buffer = buffer.replace(b"\r\n", b"\n")
+    *blocks, rest = buffer.split(b"\n\n")
+    events = []
+    for block in blocks:
+        lines = block.split(b"\n")
+        data = b"\n".join(ln[5:].lstrip(b" ") for ln in lines if ln.startswith(b"data:"))
+        if not data:
+            continue
+        if data == b"[DONE]":
+            events.append((block + b"\n\n", "[DONE]"))
+            continue
+        try:
+            parsed = json.loads(data)
+        except ValueError as exc:
+            raise UpstreamError("Groq sent a stream event that is not JSON; try again.") from exc
+        if not isinstance(parsed, dict) or parsed.get("error") or b"event: error" in lines:
+            raise _stream_error(parsed)
+        events.append((block + b"\n\n", parsed))
+    return events, rest
+
+
+def _stream_error(parsed: object) -> ServiceError:
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    message = error.get("message") if isinstance(error, dict) else error
+    detail = f": {message[:500]}" if isinstance(message, str) and message else ""
+    return UpstreamError(f"Groq reported an error during the stream{detail}")
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise UpstreamError("Groq sent a body that is not a JSON object; try again.")
+    return data
+
+
+def _result(data: dict[str, Any]) -> ChatResult:
+    try:
+        choice = data["choices"][0]
+        content = choice["message"].get("content") or ""
+        model = data["model"]
+        finish_reason = choice.get("finish_reason")
+        if not (isinstance(content, str) and isinstance(model, str)):
+            raise TypeError
+    except (KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise UpstreamError("Groq sent a body that is not a valid chat completion; try again.") from exc
+    return ChatResult(content, model, _usage(data.get("usage")), finish_reason)
+
+
+def _usage(usage: object) -> dict[str, int] | None:
+    if not isinstance(usage, dict):
+        return None
+    counts = {k: usage.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in counts.values()):
+        return None
+    return counts  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _mapped_errors() -> Iterator[None]:
+    """The one place where the SDK's and httpx's exceptions become ours."""
+    try:
+        yield
+    except (TimeoutError, groq.APITimeoutError, httpx.TimeoutException) as exc:
+        raise UpstreamTimeout("Groq did not answer in time; try again or raise GROQ_TIMEOUT.") from exc
+    except groq.APIStatusError as exc:
+        raise _status_error(exc.status_code, exc.body, exc.response.headers) from exc
+    except groq.APIConnectionError as exc:
+        raise UpstreamUnreachable("Groq could not be reached; check the network or GROQ_BASE_URL.") from exc
+    except httpx.TransportError as exc:
+        raise UpstreamError("Groq closed the connection before the answer was complete; try again.") from exc
+
+
+def _status_error(status: int, body: object, headers: httpx.Headers) -> ServiceError:
+    error = body.get("error") if isinstance(body, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    groq_message = message[:1000] if isinstance(message, str) and message else None
+    if status in (400, 404, 413, 422):
+        return UpstreamRejected(groq_message or f"Groq rejected the request (HTTP {status}).", status=status)
+    if status in (401, 403):
+        return UpstreamAuth(f"Groq refused the service's credentials (HTTP {status}); the operator must check GROQ_API_KEY.")
+    if status == 429:
+        return RateLimited(groq_message or "Groq's rate limit was reached; retry later.", retry_after=_retry_after(headers))
+    return UpstreamError(f"Groq answered HTTP {status}; try again later.")
+
+
+def _retry_after(headers: httpx.Headers) -> str | None:
+    try:
+        seconds = float(headers.get("retry-after", ""))
+    except ValueError:
+        return None
+    return str(max(0, math.ceil(seconds))) if math.isfinite(seconds) else None
+
+
+# Blocking use from scripts. Each call runs the same async code on a private event loop with a
+# client of its own, so scripts get the app's exact deadlines and errors; not for use inside a loop.
+
+
+def chat_completion(messages: list[dict[str, str]], model: str | None = None, **params: Any) -> ChatResult:
+    """Blocking chat completion for scripts, configured from the environment (and `.env`)."""
+
+    async def run() -> ChatResult:
+        upstream, request = _script_call(messages, model, params)
+        try:
+            return await upstream.chat(*request)
+        finally:
+            await upstream.aclose()
+
+    return asyncio.run(run())
+
+
+def stream_chat_completion(
+    messages: list[dict[str, str]], model: str | None = None, **params: Any
+) -> Iterator[str | ChatResult]:
+    """Blocking stream for scripts: text deltas as they arrive, then the final ChatResult."""
+    upstream, request = _script_call(messages, model, params)
+    loop = asyncio.new_event_loop()
+    pieces = upstream.chat_stream(*request)
+    try:
+        while (piece := loop.run_until_complete(anext(pieces, None))) is not None:
+            yield from piece if isinstance(piece, list) else [piece]
+    finally:
+        loop.run_until_complete(pieces.aclose())
+        loop.run_until_complete(upstream.aclose())
+        loop.close()
+
+
+def _script_call(
+    messages: list[dict[str, str]], model: str | None, params: dict[str, Any]
+) -> tuple[Upstream, tuple[list[dict[str, str]], str, dict[str, Any]]]:
+    from validation import parse_chat
+
+    settings = load_settings()
+    body: dict[str, Any] = {"messages": messages, **params, **({"model": model} if model is not None else {})}
+    request = parse_chat(body, allowed_models=settings.allowed_models)
+    return Upstream(settings), (request.messages, request.model or settings.groq_model, request.params)

@@ -1,0 +1,86 @@
+"""One logging set-up for our loggers, uvicorn's and Python warnings: JSON lines or readable text.
+
+Structured fields travel as `extra={"fields": {...}}`; the request id travels in a ContextVar so
+every line written while a request is handled carries it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.config
+from contextvars import ContextVar
+from datetime import datetime, timezone
+from typing import Any
+
+REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+# C0 controls, DEL, C1 controls and the Unicode line separators: none may split or colour a text line.
+_UNPRINTABLE = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]} | {
+    0x2028: "\\u2028",
+    0x2029: "\\u2029",
+}
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self, *, as_json: bool, secrets: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self._as_json = as_json
+        self._secrets = tuple(s for s in secrets if s)
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        request_id = REQUEST_ID.get()
+        if request_id is not None:
+            fields["request_id"] = request_id
+        fields.update(getattr(record, "fields", None) or {})
+        if record.exc_info:
+            fields["exc"] = self.formatException(record.exc_info)
+        if self._as_json:
+            line = json.dumps(fields, default=str)
+        else:
+            head = " ".join(str(fields.pop(k)) for k in ("ts", "level", "logger", "msg"))
+            line = " ".join([head, *(f"{k}={_text_value(v)}" for k, v in fields.items())]).translate(_UNPRINTABLE)
+        for secret in self._secrets:
+            if secret in line:
+                line = line.replace(secret, "[redacted]")
+        return line
+
+
+def _text_value(value: object) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return json.dumps(text) if not text or any(c in text for c in ' "=') else text
+
+
+def logging_dict(*, level: str, fmt: str, secrets: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The dictConfig for the whole process; uvicorn gets it as `log_config` so it adds no handler of its own."""
+    handler = {"class": "logging.StreamHandler", "formatter": "service", "stream": "ext://sys.stderr"}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"service": {"()": _Formatter, "as_json": fmt == "json", "secrets": secrets}},
+        "handlers": {"default": handler},
+        "root": {"handlers": ["default"], "level": level},
+        "loggers": {
+            "uvicorn": {"handlers": [], "level": level, "propagate": True},
+            "uvicorn.error": {"handlers": [], "level": level, "propagate": True},
+            # Our middleware writes the one access line per request; uvicorn's would be a duplicate.
+            "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
+            # The SDK and httpx log request details at DEBUG; keep them quiet unless they warn.
+            "groq": {"level": "WARNING"},
+            "httpx": {"level": "WARNING"},
+            "httpcore": {"level": "WARNING"},
+        },
+    }
+
+
+def configure(*, level: str, fmt: str, secrets: tuple[str, ...] = ()) -> dict[str, Any]:
+    config = logging_dict(level=level, fmt=fmt, secrets=secrets)
+    logging.config.dictConfig(config)
+    logging.captureWarnings(True)
+    return config

@@ -1,0 +1,111 @@
+"""`python app.py`: settings, logging and uvicorn, with the two things uvicorn does not do by configuration.
+
+1. A client that opens a connection and never finishes its request head holds it forever: uvicorn
+   only times out idle keep-alive connections. `_GuardedProtocol` closes a connection that has not
+   delivered a complete head within CLIENT_TIMEOUT, or whose pending head grows past 64 KiB.
+2. After a graceful shutdown on SIGTERM, uvicorn re-raises the signal to itself, so the process
+   would exit 143; `_Server` does not, so a clean drain exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
+from uvicorn.supervisors import Multiprocess
+
+import logging_config
+from app import _secrets, create_app
+from config import SettingsError, load_settings
+
+_MAX_HEAD_BYTES = 64 * 1024
+logger = logging.getLogger("service")
+
+
+class _GuardedProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+    cycle: Any
+    transport: asyncio.Transport
+    app_state: dict[str, Any]
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._waiting_for_head(self._armed_cycle):
+            self._head_bytes += len(data)
+            if self._head_bytes > _MAX_HEAD_BYTES:
+                self.transport.close()
+
+    def _arm(self) -> None:
+        self._armed_cycle = self.cycle
+        self._head_bytes = 0
+        asyncio.get_running_loop().call_later(self.app_state.get("client_timeout", 15.0), self._expire, self.cycle)
+
+    def _waiting_for_head(self, armed: Any) -> bool:
+        return self.cycle is armed and (armed is None or armed.response_complete)
+
+    def _expire(self, armed: Any) -> None:
+        if self._waiting_for_head(armed) and not self.transport.is_closing():
+            self.transport.close()
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None] = lambda: None) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._on_exit()
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
+def main() -> None:
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        sys.exit(f"configuration error: {exc}")
+    log_config = logging_config.configure(level=settings.log_level, fmt=settings.log_format, secrets=_secrets(settings))
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app if settings.workers == 1 else "app:app",
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        http=_GuardedProtocol,
+        log_config=log_config,
+        access_log=False,
+        server_header=False,
+        proxy_headers=bool(settings.forwarded_allow_ips),
+        forwarded_allow_ips=settings.forwarded_allow_ips or None,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout),
+    )
+    server = _Server(config, on_exit=lambda: setattr(app.state.service, "draining", True))
+    if settings.workers > 1:
+        Multiprocess(config, target=server.run, sockets=[config.bind_socket()]).run()
+    else:
+        server.run()
+    if not server.started and settings.workers == 1:
+        sys.exit(3)

@@ -1,0 +1,285 @@
+"""A fake Groq server on 127.0.0.1 that speaks Groq's wire format (see ../shared/groq-wire.md).
+
+The real groq SDK talks to it over a socket. What it answers is chosen per request by the `model`
+in the body (`fake.behaviours[model]`, else `fake.default`); everything it receives is recorded in
+`fake.received`, and how each stream ended in `fake.stream_ends`.
+Run as a script (`python tests/fake_groq.py --port 9000 --delay 0.05`) it serves the benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+API_KEY = "gsk_fake_test_key_0123456789"
+CHAT_PATH = "/openai/v1/chat/completions"
+MODELS_PATH = "/openai/v1/models"
+MODELS = ["openai/gpt-oss-20b", "openai/gpt-oss-120b", "qwen/qwen3.6-27b"]
+
+
+@dataclass
+class Behaviour:
+    status: int = 200
+    error: dict[str, Any] | None = None  # the inner Groq error object for a non-200
+    headers: dict[str, str] = field(default_factory=dict)
+    raw_body: bytes | None = None  # sent verbatim instead of a completion
+    content: str = "Hello from the fake Groq server."
+    chunks: int | None = None  # stream this many generated pieces instead of `content` split in words
+    chunks_per_write: int = 1
+    delay: float = 0.0  # before the response head
+    chunk_delay: float = 0.0  # between writes of a stream
+    stall_after: int | None = None  # stop sending (socket stays open) after N content chunks
+    drop_after: int | None = None  # close the socket after N content chunks
+    error_event_after: int | None = None  # send an SSE error event after N content chunks
+    fail_times: int | None = None  # a non-200 status: fail this many times, then succeed (None: always)
+    usage: bool = True
+    finish_reason: str = "stop"
+    tool_call: dict[str, Any] | None = None  # {"name": ..., "arguments": "..."}: answer with a tool call
+
+    def pieces(self) -> list[str]:
+        if self.chunks is not None:
+            return [f"t{i} " for i in range(self.chunks)]
+        words = self.content.split(" ")
+        return [w + " " for w in words[:-1]] + [words[-1]]
+
+
+@dataclass
+class Received:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+
+
+class FakeGroq:
+    def __init__(self, api_key: str = API_KEY) -> None:
+        self.api_key = api_key
+        self.default = Behaviour()
+        self.behaviours: dict[str, Behaviour] = {}
+        self.received: list[Received] = []
+        self.stream_ends: list[tuple[str, float]] = []  # ("completed" | "client_closed", monotonic time)
+        self.stream_ended = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def chat_requests(self) -> list[Received]:
+        return [r for r in self.received if r.path == CHAT_PATH]
+
+    def start(self, port: int = 0) -> FakeGroq:
+        threading.Thread(target=self._loop.run_forever, daemon=True).start()
+        self._server = asyncio.run_coroutine_threadsafe(self._listen(port), self._loop).result(5)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def stop(self) -> None:
+        async def close() -> None:
+            assert self._server is not None
+            self._server.close()
+            for task in asyncio.all_tasks() - {asyncio.current_task()}:
+                task.cancel()
+
+        asyncio.run_coroutine_threadsafe(close(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+    async def _listen(self, port: int) -> asyncio.Server:
+        return await asyncio.start_server(self._connection, "127.0.0.1", port, limit=1 << 20)
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                request_line, *lines = head.decode("latin-1").split("\r\n")
+                method, path, _ = request_line.split(" ", 2)
+                headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines if ln)}
+                raw = await reader.readexactly(int(headers.get("content-length", "0")))
+                body = json.loads(raw) if raw else None
+                self.received.append(Received(method, path, headers, body))
+                if not await self._respond(method, path, headers, body, reader, writer):
+                    break
+        writer.close()
+
+    async def _respond(self, method: str, path: str, headers: dict[str, str], body: Any, reader: Any, writer: Any) -> bool:
+        if headers.get("authorization") != f"Bearer {self.api_key}":
+            error = {"message": "Invalid API Key", "type": "invalid_request_error", "code": "invalid_api_key"}
+            return self._send_json(writer, 401, {"error": error})
+        if (method, path) == ("GET", MODELS_PATH):
+            data = [{"id": m, "object": "model", "created": 1, "owned_by": "fake", "active": True} for m in MODELS]
+            return self._send_json(writer, 200, {"object": "list", "data": data})
+        if (method, path) != ("POST", CHAT_PATH):
+            error = {"message": "Unknown request URL", "type": "invalid_request_error", "code": "unknown_url"}
+            return self._send_json(writer, 404, {"error": error})
+        behaviour = self.behaviours.get(str(body.get("model")), self.default)
+        if behaviour.delay:
+            await asyncio.sleep(behaviour.delay)
+        extra = behaviour.headers
+        if behaviour.raw_body is not None:
+            return self._send(writer, behaviour.status, behaviour.raw_body, "application/json", extra)
+        if behaviour.status != 200 and behaviour.fail_times != 0:
+            if behaviour.fail_times is not None:
+                behaviour.fail_times -= 1
+            error = behaviour.error or {"message": "fake failure", "type": "internal_server_error"}
+            return self._send_json(writer, behaviour.status, {"error": error}, extra)
+        if body.get("stream"):
+            await self._stream(body, behaviour, reader, writer)
+            return False
+        return self._send_json(writer, 200, _completion(body, behaviour), extra)
+
+    def _send_json(self, writer: Any, status: int, payload: Any, extra: dict[str, str] | None = None) -> bool:
+        trailing = b"\n" if status >= 400 else b""
+        return self._send(writer, status, json.dumps(payload, separators=(",", ":")).encode() + trailing, "application/json", extra)
+
+    def _send(self, writer: Any, status: int, body: bytes, ctype: str, extra: dict[str, str] | None = None) -> bool:
+        head = [f"HTTP/1.1 {status} X", f"content-type: {ctype}", f"content-length: {len(body)}"]
+        head += [f"{k}: {v}" for k, v in {**_RATE_HEADERS, **(extra or {})}.items()]
+        writer.write("\r\n".join(head).encode() + b"\r\n\r\n" + body)
+        return True
+
+    async def _stream(self, body: dict[str, Any], b: Behaviour, reader: Any, writer: Any) -> None:
+        head = f"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\nx-request-id: {_REQ}\r\n\r\n"
+        writer.write(head.encode())
+        closed = asyncio.ensure_future(reader.read(1))  # the client closing its end shows up as EOF here
+        events = list(_stream_events(body, b))
+        sent_content = 0
+        i = 0
+        try:
+            while i < len(events):
+                if sent_content in (b.stall_after, b.drop_after, b.error_event_after) and 0 < i < len(events) - 2:
+                    if sent_content == b.drop_after:
+                        writer.transport.abort()
+                        return self._ended("dropped")
+                    if sent_content == b.error_event_after:
+                        error = {"message": "Service Unavailable", "type": "internal_server_error", "code": "503"}
+                        _write_chunk(writer, b"data: " + json.dumps({"error": error}).encode() + b"\n\n")
+                        _write_chunk(writer, b"")
+                        return self._ended("error_event")
+                    await asyncio.wait({closed})
+                    return self._ended("client_closed")
+                batch = events[i : i + b.chunks_per_write]
+                i += len(batch)
+                sent_content += sum(1 for e in batch if b'"content":"' in e and b'"content":""' not in e)
+                _write_chunk(writer, b"".join(batch))
+                await writer.drain()
+                if closed.done():
+                    return self._ended("client_closed")
+                if b.chunk_delay:
+                    await asyncio.wait({closed}, timeout=b.chunk_delay)
+            _write_chunk(writer, b"")
+            await writer.drain()
+            self._ended("completed")
+        except ConnectionError:
+            self._ended("client_closed")
+        finally:
+            closed.cancel()
+            writer.close()
+
+    def _ended(self, how: str) -> None:
+        self.stream_ends.append((how, time.monotonic()))
+        self.stream_ended.set()
+
+
+_REQ = "req_01kh52ndshfr2azv0xe6tnv4fx"
+_RATE_HEADERS = {
+    "x-request-id": _REQ,
+    "x-ratelimit-limit-requests": "14400",
+    "x-ratelimit-limit-tokens": "18000",
+    "x-ratelimit-remaining-requests": "14399",
+    "x-ratelimit-remaining-tokens": "17997",
+    "x-ratelimit-reset-requests": "6s",
+    "x-ratelimit-reset-tokens": "7.66s",
+}
+
+
+def _write_chunk(writer: Any, data: bytes) -> None:
+    writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+
+def _usage(body: dict[str, Any], completion_tokens: int) -> dict[str, Any]:
+    prompt = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", [])) + 9
+    return {"queue_time": 0.04, "prompt_tokens": prompt, "prompt_time": 0.002, "completion_tokens": completion_tokens,
+            "completion_time": 0.2, "total_tokens": prompt + completion_tokens, "total_time": 0.202}
+
+
+def _completion(body: dict[str, Any], b: Behaviour) -> dict[str, Any]:
+    pieces = b.pieces()
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(pieces)}
+    finish = b.finish_reason
+    if b.tool_call:
+        message = {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_fake1", "type": "function", "function": dict(b.tool_call)}]}
+        finish = "tool_calls"
+    out: dict[str, Any] = {
+        "id": f"chatcmpl-{uuid.uuid4()}", "object": "chat.completion", "created": int(time.time()),
+        "model": body.get("model"),
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+        "usage": _usage(body, len(pieces)), "usage_breakdown": None, "system_fingerprint": "fp_f8b414701e",
+        "x_groq": {"id": _REQ, "seed": 167346302}, "service_tier": "on_demand",
+    }
+    if not b.usage:
+        del out["usage"]
+    return out
+
+
+def _stream_events(body: dict[str, Any], b: Behaviour) -> list[bytes]:
+    base = {"id": f"chatcmpl-{uuid.uuid4()}", "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": body.get("model"), "system_fingerprint": "fp_f8b414701e"}
+
+    def event(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+        chunk = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
+        return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+
+    pieces = b.pieces()
+    events = [event({"role": "assistant", "content": ""}, x_groq={"id": _REQ, "seed": 1535227698})]
+    finish = b.finish_reason
+    if b.tool_call:
+        call = {"index": 0, "id": "call_fake1", "type": "function", "function": {"name": b.tool_call["name"], "arguments": ""}}
+        events.append(event({"tool_calls": [call]}))
+        events.append(event({"tool_calls": [{"index": 0, "function": {"arguments": b.tool_call["arguments"]}}]}))
+        finish, pieces = "tool_calls", []
+    events += [event({"content": p}) for p in pieces]
+    usage = _usage(body, len(pieces))
+    final_extra: dict[str, Any] = {"x_groq": {"id": _REQ, "usage": usage}, "usage": usage} if b.usage else {}
+    events.append(event({}, finish, **final_extra))
+    if b.usage and (body.get("stream_options") or {}).get("include_usage"):
+        events.append(b"data: " + json.dumps({**base, "choices": [], "usage": usage}).encode() + b"\n\n")
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Fake Groq server for the benchmark")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds before each response head")
+    parser.add_argument("--chunks", type=int, default=None, help="content chunks per stream")
+    parser.add_argument("--chunk-delay", type=float, default=0.0)
+    parser.add_argument("--chunks-per-write", type=int, default=1)
+    args = parser.parse_args()
+    fake = FakeGroq()
+    fake.default = Behaviour(delay=args.delay, chunks=args.chunks, chunk_delay=args.chunk_delay,
+                             chunks_per_write=args.chunks_per_write)
+    fake.received = _Discard()
+    fake.start(args.port)
+    print(fake.port, flush=True)
+    threading.Event().wait()
+
+
+class _Discard(list):  # type: ignore[type-arg]
+    """The benchmark sends many requests; keeping them all would grow memory."""
+
+    def append(self, item: Any) -> None:
+        pass
+
+
+if __name__ == "__main__":
+    main()
