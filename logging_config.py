@@ -57,9 +57,9 @@ def _text_value(value: object) -> str:
     return json.dumps(text) if not text or any(c in text for c in ' "=') else text
 
 
-def logging_dict(*, level: str, fmt: str, secrets: tuple[str, ...] = ()) -> dict[str, Any]:
+def logging_dict(*, level: str, fmt: str, secrets: tuple[str, ...] = (), stream: Any = "ext://sys.stderr") -> dict[str, Any]:
     """The dictConfig for the whole process; uvicorn gets it as `log_config` so it adds no handler of its own."""
-    handler = {"class": "logging.StreamHandler", "formatter": "service", "stream": "ext://sys.stderr"}
+    handler = {"class": "logging.StreamHandler", "formatter": "service", "stream": stream}
     return {
         "version": 1,
         "disable_existing_loggers": False,
@@ -79,8 +79,8 @@ def logging_dict(*, level: str, fmt: str, secrets: tuple[str, ...] = ()) -> dict
     }
 
 
-def configure(*, level: str, fmt: str, secrets: tuple[str, ...] = ()) -> dict[str, Any]:
-    config = logging_dict(level=level, fmt=fmt, secrets=secrets)
+def configure(*, level: str, fmt: str, secrets: tuple[str, ...] = (), stream: Any = "ext://sys.stderr") -> dict[str, Any]:
+    config = logging_dict(level=level, fmt=fmt, secrets=secrets, stream=stream)
     logging.config.dictConfig(config)
     logging.captureWarnings(True)
     return config

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import logging
 import signal
 import sys
@@ -24,7 +25,7 @@ from uvicorn.supervisors import Multiprocess
 
 import logging_config
 from app import _secrets, create_app
-from config import SettingsError, load_settings
+from config import Settings, SettingsError, load_settings
 
 _MAX_HEAD_BYTES = 64 * 1024
 logger = logging.getLogger("service")
@@ -82,15 +83,9 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def main() -> None:
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        sys.exit(f"configuration error: {exc}")
-    log_config = logging_config.configure(level=settings.log_level, fmt=settings.log_format, secrets=_secrets(settings))
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app if settings.workers == 1 else "app:app",
+def uvicorn_config(settings: Settings, app: Any, log_config: dict[str, Any] | None) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         workers=settings.workers,
@@ -100,8 +95,18 @@ def main() -> None:
         server_header=False,
         proxy_headers=bool(settings.forwarded_allow_ips),
         forwarded_allow_ips=settings.forwarded_allow_ips or None,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout),
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout),
     )
+
+
+def main() -> None:
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        sys.exit(f"configuration error: {exc}")
+    log_config = logging_config.configure(level=settings.log_level, fmt=settings.log_format, secrets=_secrets(settings))
+    app = create_app(settings)
+    config = uvicorn_config(settings, app if settings.workers == 1 else "app:app", log_config)
     server = _Server(config, on_exit=lambda: setattr(app.state.service, "draining", True))
     if settings.workers > 1:
         Multiprocess(config, target=server.run, sockets=[config.bind_socket()]).run()

@@ -78,7 +78,8 @@ class FakeGroq:
         return [r for r in self.received if r.path == CHAT_PATH]
 
     def start(self, port: int = 0) -> FakeGroq:
-        threading.Thread(target=self._loop.run_forever, daemon=True).start()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
         self._server = asyncio.run_coroutine_threadsafe(self._listen(port), self._loop).result(5)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -87,17 +88,22 @@ class FakeGroq:
         async def close() -> None:
             assert self._server is not None
             self._server.close()
-            for task in asyncio.all_tasks() - {asyncio.current_task()}:
+            await self._server.wait_closed()
+            tasks = asyncio.all_tasks() - {asyncio.current_task()}
+            for task in tasks:
                 task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
         asyncio.run_coroutine_threadsafe(close(), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
 
     async def _listen(self, port: int) -> asyncio.Server:
         return await asyncio.start_server(self._connection, "127.0.0.1", port, limit=1 << 20)
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+        try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 request_line, *lines = head.decode("latin-1").split("\r\n")
@@ -108,7 +114,10 @@ class FakeGroq:
                 self.received.append(Received(method, path, headers, body))
                 if not await self._respond(method, path, headers, body, reader, writer):
                     break
-        writer.close()
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
 
     async def _respond(self, method: str, path: str, headers: dict[str, str], body: Any, reader: Any, writer: Any) -> bool:
         if headers.get("authorization") != f"Bearer {self.api_key}":

@@ -1,0 +1,170 @@
+"""Fixtures: a fake Groq server, the service in-process on a real socket, and the service as a process."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+import logging_config
+import server
+from app import _secrets, create_app
+from config import load_settings
+from fake_groq import API_KEY, FakeGroq
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIENT_TOKEN = "svc_canary_client_token_9f8e7d6c"
+
+
+def groq_env(fake: FakeGroq, **overrides: str) -> dict[str, str]:
+    """Settings for a service that talks to `fake`: no SDK retries unless a test asks for them."""
+    return {"GROQ_API_KEY": API_KEY, "GROQ_BASE_URL": fake.url, "GROQ_MAX_RETRIES": "0", **overrides}
+
+
+class Service:
+    """The app under uvicorn in a background thread: real sockets, and coverage sees the code."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.settings = load_settings(env)
+        self._logs = io.StringIO()
+        logging_config.configure(
+            level=self.settings.log_level, fmt="json", secrets=_secrets(self.settings), stream=self._logs
+        )
+        self.app = create_app(self.settings)
+        self.server = uvicorn.Server(server.uvicorn_config(self.settings, self.app, log_config=None))
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = "http://127.0.0.1:%d" % sock.getsockname()[1]
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "service did not start"
+            time.sleep(0.01)
+        self.client = httpx.Client(base_url=self.url, timeout=30)
+
+    def log_text(self) -> str:
+        return self._logs.getvalue()
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.log_text().splitlines()]
+
+    def access_lines(self, at_least: int = 0) -> list[dict[str, Any]]:
+        """The access lines, waiting (boundedly) for `at_least` of them: a line is written just after its response."""
+        deadline = time.monotonic() + 5
+        while True:
+            lines = [line for line in self.log_lines() if line["msg"] == "request" and line["logger"] == "service"]
+            if len(lines) >= at_least or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.client.close()
+        self.server.should_exit = True
+        self._thread.join(10)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeGroq]:
+    fake = FakeGroq().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def start_service() -> Iterator[Any]:
+    started: list[Service] = []
+
+    def start(env: dict[str, str]) -> Service:
+        started.append(Service(env))
+        return started[-1]
+
+    yield start
+    for service in started:
+        service.stop()
+
+
+@pytest.fixture
+def service(fake: FakeGroq, start_service: Any) -> Service:
+    return start_service(groq_env(fake))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Process:
+    """The service started as a separate process; stderr is collected line by line."""
+
+    def __init__(self, command: list[str] | str, env: dict[str, str], *, cwd: Path = ROOT, wait: bool = True) -> None:
+        self.port = int(env.get("PORT") or free_port())
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("GROQ_", "SERVICE_", "LOG_"))}
+        full_env.update({"PORT": str(self.port), **env})
+        self.proc = subprocess.Popen(
+            command, cwd=cwd, env=full_env, shell=isinstance(command, str), start_new_session=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if wait:
+            self.wait_ready()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, "service exited early:\n" + "\n".join(self.lines)
+            try:
+                httpx.get(self.url + "/", timeout=1)
+                return
+            except httpx.TransportError:
+                time.sleep(0.05)
+        raise AssertionError("service did not answer in time:\n" + "\n".join(self.lines))
+
+    def send_signal(self, sig: int = signal.SIGTERM) -> None:
+        os.killpg(self.proc.pid, sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.send_signal(sig)
+        code = self.proc.wait(timeout)
+        self._reader.join(5)
+        return code
+
+    def json_lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.lines]
+
+
+@pytest.fixture
+def start_process() -> Iterator[Any]:
+    started: list[Process] = []
+
+    def start(env: dict[str, str], command: list[str] | str | None = None, **kwargs: Any) -> Process:
+        started.append(Process(command or [sys.executable, "app.py"], env, **kwargs))
+        return started[-1]
+
+    yield start
+    for proc in started:
+        if proc.proc.poll() is None:
+            proc.stop(signal.SIGKILL)
