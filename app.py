@@ -16,7 +16,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
@@ -154,8 +154,8 @@ class Service:
         return _json(result.as_dict())
 
     async def _chat_events(
-        self, piece: list[str] | ChatResult, pieces: AsyncIterator[list[str] | ChatResult], fields: dict[str, Any]
-    ) -> AsyncIterator[bytes]:
+        self, piece: list[str] | ChatResult, pieces: AsyncGenerator[list[str] | ChatResult], fields: dict[str, Any]
+    ) -> AsyncGenerator[bytes]:
         """SSE for /chat: one `data: {"content": ...}` per delta, the metadata, then `[DONE]`."""
         finished = False
         text: list[str] = []
@@ -216,7 +216,7 @@ class Service:
         except (ValueError, RecursionError):
             raise InvalidJSON("The body is not valid JSON; send one UTF-8 JSON object.") from None
         if not isinstance(body, dict):
-            raise InvalidJSON("The body must be a JSON object, e.g. {\"prompt\": \"Hello\"}.")
+            raise InvalidJSON('The body must be a JSON object, e.g. {"prompt": "Hello"}.')
         return body
 
 
@@ -224,7 +224,7 @@ class _EventStream(StreamingResponse):
     """A StreamingResponse that always closes its generator, so the upstream stream and the
     concurrency slot are released as soon as the client goes, not when the generator is collected."""
 
-    def __init__(self, events: AsyncIterator[bytes], **kwargs: Any) -> None:
+    def __init__(self, events: AsyncGenerator[bytes], **kwargs: Any) -> None:
         super().__init__(events, **kwargs)
         self._events = events
 
@@ -232,7 +232,7 @@ class _EventStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self._events.aclose()  # type: ignore[attr-defined]
+            await self._events.aclose()
 
 
 class _Observe:
@@ -291,21 +291,24 @@ class _Authorize:
         self._digests = {hashlib.sha256(k.encode()).digest(): hashlib.sha256(k.encode()).hexdigest()[:8] for k in keys}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
-            return await self.app(scope, receive, send)
-        if self._digests:
-            key_id = self._key_id(scope)
-            if key_id is None:
-                error = Unauthorized(
-                    "A valid service token is required: send Authorization: Bearer <token>.",
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-                return await self._refuse(error, scope, receive, send)
-            scope[LOG_FIELDS]["key_id"] = key_id
-        elif not _is_loopback(scope.get("client")):
-            error = Unauthorized("Only loopback clients may call this service until the operator sets SERVICE_API_KEYS.")
-            return await self._refuse(error, scope, receive, send)
-        await self.app(scope, receive, send)
+        refusal = None if scope["type"] != "http" or scope["path"] in OPEN_PATHS else self._refusal(scope)
+        if refusal is None:
+            await self.app(scope, receive, send)
+        else:
+            scope[LOG_FIELDS]["error"] = refusal.type
+            await _error_response(refusal, scope)(scope, receive, send)
+
+    def _refusal(self, scope: Scope) -> ServiceError | None:
+        if not self._digests:
+            if _is_loopback(scope.get("client")):
+                return None
+            return Unauthorized("Only loopback clients may call this service until the operator sets SERVICE_API_KEYS.")
+        key_id = self._key_id(scope)
+        if key_id is None:
+            message = "A valid service token is required: send Authorization: Bearer <token>."
+            return Unauthorized(message, headers={"WWW-Authenticate": "Bearer"})
+        scope[LOG_FIELDS]["key_id"] = key_id
+        return None
 
     def _key_id(self, scope: Scope) -> str | None:
         header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
@@ -316,10 +319,6 @@ class _Authorize:
             if hmac.compare_digest(digest, known) and scheme.lower() == b"bearer":
                 found = key_id
         return found
-
-    async def _refuse(self, error: ServiceError, scope: Scope, receive: Receive, send: Send) -> None:
-        scope[LOG_FIELDS]["error"] = error.type
-        await _error_response(error, scope)(scope, receive, send)
 
 
 def _is_loopback(client: tuple[str, int] | None) -> bool:
@@ -364,7 +363,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
         allow = (exc.headers or {}).get("Allow", "")
-        error: ServiceError = MethodNotAllowed(f"This method is not allowed here; use {allow}.", headers={"Allow": allow})
+        error: ServiceError = MethodNotAllowed(
+            f"This method is not allowed here; use {allow}.", headers={"Allow": allow}
+        )
     else:
         error = NotFound("No route matches this path; the endpoints are GET /, /healthz, /readyz and POST /chat.")
     return await _service_error(request, error)

@@ -122,7 +122,9 @@ class _Reader:
             return default
         # The SDK appends /openai/v1/... itself, so an OpenAI-style base URL would double it.
         if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", raw) or raw.rstrip("/").endswith("/openai/v1"):
-            raise SettingsError(f"{name} must be an origin such as https://api.groq.com, without /openai/v1 (got {raw!r})")
+            raise SettingsError(
+                f"{name} must be an origin such as https://api.groq.com, without /openai/v1 (got {raw!r})"
+            )
         return raw.rstrip("/")
 
     def csv(self, name: str) -> tuple[str, ...]:

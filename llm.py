@@ -11,9 +11,9 @@ import asyncio
 import contextlib
 import json
 import math
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import groq
@@ -83,7 +83,7 @@ class Upstream:
                 response = await self._client.get(MODELS_PATH, cast_to=httpx.Response)
             return _json_object(response.content)
 
-    async def stream_events(self, body: dict[str, Any]) -> AsyncIterator[list[tuple[bytes, Any]]]:
+    async def stream_events(self, body: dict[str, Any]) -> AsyncGenerator[list[tuple[bytes, Any]]]:
         """Yield, per read from Groq, its complete SSE events as (raw event, parsed data).
 
         GROQ_TIMEOUT bounds everything up to the first read, GROQ_STREAM_IDLE_TIMEOUT each later one.
@@ -93,8 +93,11 @@ class Upstream:
         deadline = asyncio.get_running_loop().time() + self._timeout
         with _mapped_errors():
             async with asyncio.timeout_at(deadline):
-                response = await self._client.post(
-                    CHAT_PATH, body=body, cast_to=httpx.Response, stream=True, stream_cls=groq.AsyncStream[Any]
+                response = cast(
+                    httpx.Response,
+                    await self._client.post(
+                        CHAT_PATH, body=body, cast_to=httpx.Response, stream=True, stream_cls=groq.AsyncStream[Any]
+                    ),
                 )
             try:
                 reads = response.aiter_bytes()
@@ -116,7 +119,7 @@ class Upstream:
 
     async def chat_stream(
         self, messages: list[dict[str, str]], model: str, params: dict[str, Any]
-    ) -> AsyncIterator[list[str] | ChatResult]:
+    ) -> AsyncGenerator[list[str] | ChatResult]:
         """Yield lists of text deltas (one list per read from Groq), then the final ChatResult."""
         final: dict[str, Any] = {"model": model}
         finish_reason = None
@@ -144,7 +147,7 @@ def _split_events(buffer: bytes) -> tuple[list[tuple[bytes, Any]], bytes]:
     if b"\r" in buffer:
         buffer = buffer.replace(b"\r\n", b"\n")
     *blocks, rest = buffer.split(b"\n\n")
-    events = []
+    events: list[tuple[bytes, Any]] = []
     for block in blocks:
         lines = block.split(b"\n")
         data = b"\n".join(ln[5:].lstrip(b" ") for ln in lines if ln.startswith(b"data:"))
@@ -224,9 +227,13 @@ def _status_error(status: int, body: object, headers: httpx.Headers) -> ServiceE
     if status in (400, 404, 413, 422):
         return UpstreamRejected(groq_message or f"Groq rejected the request (HTTP {status}).", status=status)
     if status in (401, 403):
-        return UpstreamAuth(f"Groq refused the service's credentials (HTTP {status}); the operator must check GROQ_API_KEY.")
+        return UpstreamAuth(
+            f"Groq refused the service's credentials (HTTP {status}); the operator must check GROQ_API_KEY."
+        )
     if status == 429:
-        return RateLimited(groq_message or "Groq's rate limit was reached; retry later.", retry_after=_retry_after(headers))
+        return RateLimited(
+            groq_message or "Groq's rate limit was reached; retry later.", retry_after=_retry_after(headers)
+        )
     return UpstreamError(f"Groq answered HTTP {status}; try again later.")
 
 

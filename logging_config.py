@@ -10,7 +10,7 @@ import json
 import logging
 import logging.config
 from contextvars import ContextVar
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
@@ -30,7 +30,7 @@ class _Formatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z",
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")[:-6] + "Z",
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),
@@ -57,7 +57,9 @@ def _text_value(value: object) -> str:
     return json.dumps(text) if not text or any(c in text for c in ' "=') else text
 
 
-def logging_dict(*, level: str, fmt: str, secrets: tuple[str, ...] = (), stream: Any = "ext://sys.stderr") -> dict[str, Any]:
+def logging_dict(
+    *, level: str, fmt: str, secrets: tuple[str, ...] = (), stream: Any = "ext://sys.stderr"
+) -> dict[str, Any]:
     """The dictConfig for the whole process; uvicorn gets it as `log_config` so it adds no handler of its own."""
     handler = {"class": "logging.StreamHandler", "formatter": "service", "stream": stream}
     return {
@@ -79,7 +81,9 @@ def logging_dict(*, level: str, fmt: str, secrets: tuple[str, ...] = (), stream:
     }
 
 
-def configure(*, level: str, fmt: str, secrets: tuple[str, ...] = (), stream: Any = "ext://sys.stderr") -> dict[str, Any]:
+def configure(
+    *, level: str, fmt: str, secrets: tuple[str, ...] = (), stream: Any = "ext://sys.stderr"
+) -> dict[str, Any]:
     config = logging_dict(level=level, fmt=fmt, secrets=secrets, stream=stream)
     logging.config.dictConfig(config)
     logging.captureWarnings(True)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import logging
+import math
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -36,7 +36,7 @@ class _GuardedProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     transport: asyncio.Transport
     app_state: dict[str, Any]
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)
         self._arm()
 
@@ -109,7 +109,7 @@ def main() -> None:
     config = uvicorn_config(settings, app if settings.workers == 1 else "app:app", log_config)
     server = _Server(config, on_exit=lambda: setattr(app.state.service, "draining", True))
     if settings.workers > 1:
-        Multiprocess(config, target=server.run, sockets=[config.bind_socket()]).run()
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
     else:
         server.run()
     if not server.started and settings.workers == 1:

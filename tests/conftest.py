@@ -18,12 +18,12 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from fake_groq import API_KEY, FakeGroq
 
 import logging_config
 import server
 from app import _secrets, create_app
 from config import load_settings
-from fake_groq import API_KEY, FakeGroq
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT_TOKEN = "svc_canary_client_token_9f8e7d6c"
@@ -47,7 +47,7 @@ class Service:
         self.server = uvicorn.Server(server.uvicorn_config(self.settings, self.app, log_config=None))
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
-        self.url = "http://127.0.0.1:%d" % sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 10
@@ -112,13 +112,20 @@ class Process:
     """The service started as a separate process; stderr is collected line by line."""
 
     def __init__(self, command: list[str] | str, env: dict[str, str], *, cwd: Path = ROOT, wait: bool = True) -> None:
-        self.port = int(env.get("PORT") or free_port())
+        self.port = int(env["PORT"]) if env.get("PORT", "").isdigit() else free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.shell = isinstance(command, str)
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("GROQ_", "SERVICE_", "LOG_"))}
         full_env.update({"PORT": str(self.port), **env})
         self.proc = subprocess.Popen(
-            command, cwd=cwd, env=full_env, shell=isinstance(command, str), start_new_session=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            command,
+            cwd=cwd,
+            env=full_env,
+            shell=isinstance(command, str),
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -128,8 +135,9 @@ class Process:
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
+        with self.proc.stdout:
+            for line in self.proc.stdout:
+                self.lines.append(line.rstrip("\n"))
 
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -143,7 +151,10 @@ class Process:
         raise AssertionError("service did not answer in time:\n" + "\n".join(self.lines))
 
     def send_signal(self, sig: int = signal.SIGTERM) -> None:
-        os.killpg(self.proc.pid, sig)
+        """Signal the service itself; under a shell, that is the shell's child, as a terminal's Ctrl-C would."""
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        pids = children.read_text().split() if self.shell and children.exists() else []
+        os.kill(int(pids[0]) if pids else self.proc.pid, sig)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.proc.poll() is None:
@@ -167,4 +178,5 @@ def start_process() -> Iterator[Any]:
     yield start
     for proc in started:
         if proc.proc.poll() is None:
-            proc.stop(signal.SIGKILL)
+            os.killpg(proc.proc.pid, signal.SIGKILL)
+            proc.proc.wait(10)

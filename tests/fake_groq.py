@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import threading
 import time
@@ -119,7 +118,9 @@ class FakeGroq:
         finally:
             writer.close()
 
-    async def _respond(self, method: str, path: str, headers: dict[str, str], body: Any, reader: Any, writer: Any) -> bool:
+    async def _respond(
+        self, method: str, path: str, headers: dict[str, str], body: Any, reader: Any, writer: Any
+    ) -> bool:
         if headers.get("authorization") != f"Bearer {self.api_key}":
             error = {"message": "Invalid API Key", "type": "invalid_request_error", "code": "invalid_api_key"}
             return self._send_json(writer, 401, {"error": error})
@@ -147,7 +148,9 @@ class FakeGroq:
 
     def _send_json(self, writer: Any, status: int, payload: Any, extra: dict[str, str] | None = None) -> bool:
         trailing = b"\n" if status >= 400 else b""
-        return self._send(writer, status, json.dumps(payload, separators=(",", ":")).encode() + trailing, "application/json", extra)
+        return self._send(
+            writer, status, json.dumps(payload, separators=(",", ":")).encode() + trailing, "application/json", extra
+        )
 
     def _send(self, writer: Any, status: int, body: bytes, ctype: str, extra: dict[str, str] | None = None) -> bool:
         head = [f"HTTP/1.1 {status} X", f"content-type: {ctype}", f"content-length: {len(body)}"]
@@ -156,7 +159,8 @@ class FakeGroq:
         return True
 
     async def _stream(self, body: dict[str, Any], b: Behaviour, reader: Any, writer: Any) -> None:
-        head = f"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\nx-request-id: {_REQ}\r\n\r\n"
+        head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
+        head += f"x-request-id: {_REQ}\r\n\r\n"
         writer.write(head.encode())
         closed = asyncio.ensure_future(reader.read(1))  # the client closing its end shows up as EOF here
         events = list(_stream_events(body, b))
@@ -216,8 +220,15 @@ def _write_chunk(writer: Any, data: bytes) -> None:
 
 def _usage(body: dict[str, Any], completion_tokens: int) -> dict[str, Any]:
     prompt = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", [])) + 9
-    return {"queue_time": 0.04, "prompt_tokens": prompt, "prompt_time": 0.002, "completion_tokens": completion_tokens,
-            "completion_time": 0.2, "total_tokens": prompt + completion_tokens, "total_time": 0.202}
+    return {
+        "queue_time": 0.04,
+        "prompt_tokens": prompt,
+        "prompt_time": 0.002,
+        "completion_tokens": completion_tokens,
+        "completion_time": 0.2,
+        "total_tokens": prompt + completion_tokens,
+        "total_time": 0.202,
+    }
 
 
 def _completion(body: dict[str, Any], b: Behaviour) -> dict[str, Any]:
@@ -225,15 +236,23 @@ def _completion(body: dict[str, Any], b: Behaviour) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": "".join(pieces)}
     finish = b.finish_reason
     if b.tool_call:
-        message = {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_fake1", "type": "function", "function": dict(b.tool_call)}]}
+        message = {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "call_fake1", "type": "function", "function": dict(b.tool_call)}],
+        }
         finish = "tool_calls"
     out: dict[str, Any] = {
-        "id": f"chatcmpl-{uuid.uuid4()}", "object": "chat.completion", "created": int(time.time()),
+        "id": f"chatcmpl-{uuid.uuid4()}",
+        "object": "chat.completion",
+        "created": int(time.time()),
         "model": body.get("model"),
         "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-        "usage": _usage(body, len(pieces)), "usage_breakdown": None, "system_fingerprint": "fp_f8b414701e",
-        "x_groq": {"id": _REQ, "seed": 167346302}, "service_tier": "on_demand",
+        "usage": _usage(body, len(pieces)),
+        "usage_breakdown": None,
+        "system_fingerprint": "fp_f8b414701e",
+        "x_groq": {"id": _REQ, "seed": 167346302},
+        "service_tier": "on_demand",
     }
     if not b.usage:
         del out["usage"]
@@ -241,8 +260,13 @@ def _completion(body: dict[str, Any], b: Behaviour) -> dict[str, Any]:
 
 
 def _stream_events(body: dict[str, Any], b: Behaviour) -> list[bytes]:
-    base = {"id": f"chatcmpl-{uuid.uuid4()}", "object": "chat.completion.chunk", "created": int(time.time()),
-            "model": body.get("model"), "system_fingerprint": "fp_f8b414701e"}
+    base = {
+        "id": f"chatcmpl-{uuid.uuid4()}",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": body.get("model"),
+        "system_fingerprint": "fp_f8b414701e",
+    }
 
     def event(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
         chunk = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
@@ -252,7 +276,12 @@ def _stream_events(body: dict[str, Any], b: Behaviour) -> list[bytes]:
     events = [event({"role": "assistant", "content": ""}, x_groq={"id": _REQ, "seed": 1535227698})]
     finish = b.finish_reason
     if b.tool_call:
-        call = {"index": 0, "id": "call_fake1", "type": "function", "function": {"name": b.tool_call["name"], "arguments": ""}}
+        call = {
+            "index": 0,
+            "id": "call_fake1",
+            "type": "function",
+            "function": {"name": b.tool_call["name"], "arguments": ""},
+        }
         events.append(event({"tool_calls": [call]}))
         events.append(event({"tool_calls": [{"index": 0, "function": {"arguments": b.tool_call["arguments"]}}]}))
         finish, pieces = "tool_calls", []
@@ -275,8 +304,9 @@ def main() -> None:
     parser.add_argument("--chunks-per-write", type=int, default=1)
     args = parser.parse_args()
     fake = FakeGroq()
-    fake.default = Behaviour(delay=args.delay, chunks=args.chunks, chunk_delay=args.chunk_delay,
-                             chunks_per_write=args.chunks_per_write)
+    fake.default = Behaviour(
+        delay=args.delay, chunks=args.chunks, chunk_delay=args.chunk_delay, chunks_per_write=args.chunks_per_write
+    )
     fake.received = _Discard()
     fake.start(args.port)
     print(fake.port, flush=True)

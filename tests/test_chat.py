@@ -159,7 +159,11 @@ def test_invalid_fields_are_422_naming_the_field(service: Service, fake: FakeGro
 
 @pytest.mark.parametrize(
     "raw",
-    ['{"prompt": "a", "temperature": NaN}', '{"prompt": "a", "temperature": Infinity}', '{"prompt": "a", "seed": -Infinity}'],
+    [
+        '{"prompt": "a", "temperature": NaN}',
+        '{"prompt": "a", "temperature": Infinity}',
+        '{"prompt": "a", "seed": -Infinity}',
+    ],
 )
 def test_non_finite_numbers_are_rejected(service: Service, fake: FakeGroq, raw: str) -> None:
     response = service.client.post("/chat", content=raw, headers={"content-type": "application/json"})
@@ -192,7 +196,12 @@ def test_bodies_that_are_not_a_json_object(service: Service, content: bytes, sta
 
 @pytest.mark.parametrize(
     "headers",
-    [{}, {"content-type": "text/plain"}, {"content-type": "application/x-www-form-urlencoded"}, {"content-type": "application/jsonx"}],
+    [
+        {},
+        {"content-type": "text/plain"},
+        {"content-type": "application/x-www-form-urlencoded"},
+        {"content-type": "application/jsonx"},
+    ],
 )
 def test_other_media_types_are_415(service: Service, headers: dict[str, str]) -> None:
     response = service.client.post("/chat", content=json.dumps(PROMPT), headers=headers)
@@ -223,17 +232,95 @@ def test_request_id_is_echoed_only_when_well_formed(service: Service, given: str
 
 GROQ_FAILURES = [
     # (what the fake answers, our status, our type, Groq's message shown to the client)
-    (Behaviour(status=400, error={"message": "The model `llama3-8b-8192` has been decommissioned.", "type": "invalid_request_error", "code": "model_decommissioned"}), 400, "upstream_rejected", True),
-    (Behaviour(status=404, error={"message": "The model `x` does not exist or you do not have access to it.", "type": "invalid_request_error", "code": "model_not_found"}), 404, "upstream_rejected", True),
-    (Behaviour(status=413, error={"message": "Request too large for model on tokens per minute (TPM)", "type": "tokens", "code": "rate_limit_exceeded"}), 413, "upstream_rejected", True),
-    (Behaviour(status=422, error={"message": "Please reduce the length of the messages.", "type": "invalid_request_error"}), 422, "upstream_rejected", True),
-    (Behaviour(status=401, error={"message": "Invalid API Key", "type": "invalid_request_error", "code": "invalid_api_key"}), 502, "upstream_auth", False),
+    (
+        Behaviour(
+            status=400,
+            error={
+                "message": "The model `llama3-8b-8192` has been decommissioned.",
+                "type": "invalid_request_error",
+                "code": "model_decommissioned",
+            },
+        ),
+        400,
+        "upstream_rejected",
+        True,
+    ),
+    (
+        Behaviour(
+            status=404,
+            error={
+                "message": "The model `x` does not exist or you do not have access to it.",
+                "type": "invalid_request_error",
+                "code": "model_not_found",
+            },
+        ),
+        404,
+        "upstream_rejected",
+        True,
+    ),
+    (
+        Behaviour(
+            status=413,
+            error={
+                "message": "Request too large for model on tokens per minute (TPM)",
+                "type": "tokens",
+                "code": "rate_limit_exceeded",
+            },
+        ),
+        413,
+        "upstream_rejected",
+        True,
+    ),
+    (
+        Behaviour(
+            status=422, error={"message": "Please reduce the length of the messages.", "type": "invalid_request_error"}
+        ),
+        422,
+        "upstream_rejected",
+        True,
+    ),
+    (
+        Behaviour(
+            status=401, error={"message": "Invalid API Key", "type": "invalid_request_error", "code": "invalid_api_key"}
+        ),
+        502,
+        "upstream_auth",
+        False,
+    ),
     (Behaviour(status=403, raw_body=b"<html>Please enable cookies</html>"), 502, "upstream_auth", False),
-    (Behaviour(status=429, error={"message": "Rate limit reached for model. Please try again in 7s.", "type": "tokens", "code": "rate_limit_exceeded"}, headers={"retry-after": "7"}), 429, "rate_limited", True),
-    (Behaviour(status=500, error={"message": "Internal Server Error", "type": "internal_server_error"}), 502, "upstream_error", False),
+    (
+        Behaviour(
+            status=429,
+            error={
+                "message": "Rate limit reached for model. Please try again in 7s.",
+                "type": "tokens",
+                "code": "rate_limit_exceeded",
+            },
+            headers={"retry-after": "7"},
+        ),
+        429,
+        "rate_limited",
+        True,
+    ),
+    (
+        Behaviour(status=500, error={"message": "Internal Server Error", "type": "internal_server_error"}),
+        502,
+        "upstream_error",
+        False,
+    ),
     (Behaviour(status=502, raw_body=b"Bad Gateway"), 502, "upstream_error", False),
-    (Behaviour(status=503, error={"message": "Service Unavailable", "type": "internal_server_error"}), 502, "upstream_error", False),
-    (Behaviour(status=498, error={"message": "Flex tier capacity exceeded", "type": "capacity_exceeded"}), 502, "upstream_error", False),
+    (
+        Behaviour(status=503, error={"message": "Service Unavailable", "type": "internal_server_error"}),
+        502,
+        "upstream_error",
+        False,
+    ),
+    (
+        Behaviour(status=498, error={"message": "Flex tier capacity exceeded", "type": "capacity_exceeded"}),
+        502,
+        "upstream_error",
+        False,
+    ),
     (Behaviour(status=418, error={"message": "teapot", "type": "x"}), 502, "upstream_error", False),
     (Behaviour(raw_body=b"not json at all"), 502, "upstream_error", False),
     (Behaviour(raw_body=b'{"id": "x", "choices": []}'), 502, "upstream_error", False),
@@ -311,7 +398,9 @@ def test_groq_key_never_appears_in_responses_or_logs(fake: FakeGroq, start_servi
         bodies.append(service.client.post("/chat", json={"prompt": API_KEY, "model": f"fail/{i}"}).content)
     for body, _ in INVALID_BODIES:
         content = json.dumps({**body, "api_key": API_KEY})
-        bodies.append(service.client.post("/chat", content=content, headers={"content-type": "application/json"}).content)
+        bodies.append(
+            service.client.post("/chat", content=content, headers={"content-type": "application/json"}).content
+        )
     bodies.append(service.client.post("/chat", json=PROMPT).content)
     responses = b"\n".join(bodies).decode()
     assert API_KEY not in responses

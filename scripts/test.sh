@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The whole test suite from a fresh checkout: a venv from the hash-pinned files, then lint, types,
+# the size budget and the tests with the branch-coverage gate. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install --quiet --disable-pip-version-check --require-hashes -r requirements-dev.txt
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/mypy
+.venv/bin/python scripts/size_budget.py
+exec .venv/bin/python -m pytest --cov --cov-report=term "$@"
