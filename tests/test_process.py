@@ -110,6 +110,7 @@ def test_text_format_is_one_readable_line_per_event(fake: FakeGroq, start_proces
 
 def test_python_warnings_go_through_logging_as_json() -> None:
     stream = io.StringIO()
+    logging.captureWarnings(False)  # undo earlier tests' set-up, which pytest's own warning capture has replaced
     logging_config.configure(level="INFO", fmt="json", stream=stream)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
