@@ -73,7 +73,7 @@ def create_app(settings: Settings) -> Starlette:
     # Real order, outermost first: Starlette's ServerErrorMiddleware -> _Observe -> CORS (if set)
     # -> _Authorize -> Starlette's ExceptionMiddleware -> router.
     middleware = [
-        Middleware(_Observe),
+        Middleware(_Observe, secrets=_secrets(settings)),
         *(cors if settings.cors_origins else []),
         Middleware(_Authorize, keys=settings.service_api_keys),
     ]
@@ -238,15 +238,17 @@ class _EventStream(StreamingResponse):
 class _Observe:
     """Request id, the one access line per request, and the last-resort 500."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, secrets: tuple[str, ...]) -> None:
         self.app = app
+        self._secrets = frozenset(secrets)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
         given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"").decode("latin-1")
-        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        echo = _REQUEST_ID.fullmatch(given) and given not in self._secrets  # a token pasted here is not echoed
+        request_id = given if echo else uuid.uuid4().hex
         token = logging_config.REQUEST_ID.set(request_id)
         client = scope.get("client")
         fields: dict[str, Any] = {"method": scope["method"], "path": scope["path"], "status": 500}

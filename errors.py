@@ -1,13 +1,14 @@
 """The one exception family the service answers with, and its JSON envelope.
 
 ServiceError                      500 internal_error (fixed message; the cause is only logged)
-├── InvalidJSON                   400 invalid_json
+├── InvalidJSON / InvalidRequest  400 invalid_json / invalid_request (not HTTP/1.1 at all)
 ├── Unauthorized                  401 unauthorized
 ├── NotFound / MethodNotAllowed   404 not_found / 405 method_not_allowed
 ├── RequestTimeout                408 request_timeout
 ├── PayloadTooLarge               413 payload_too_large
 ├── UnsupportedMediaType          415 unsupported_media_type
 ├── ValidationError               422 validation_error (with details)
+├── HeadersTooLarge               431 headers_too_large
 ├── Overloaded / NotConfigured    503 overloaded / not_configured
 └── from Groq (raised by llm.py): UpstreamRejected (Groq's 400/404/413/422), UpstreamAuth 502,
     RateLimited 429, UpstreamError 502, UpstreamUnreachable 502, UpstreamTimeout 504
@@ -55,6 +56,10 @@ class InvalidJSON(ServiceError):
     status, type = 400, "invalid_json"
 
 
+class InvalidRequest(ServiceError):
+    status, type = 400, "invalid_request"
+
+
 class Unauthorized(ServiceError):
     status, type = 401, "unauthorized"
 
@@ -81,6 +86,10 @@ class UnsupportedMediaType(ServiceError):
 
 class ValidationError(ServiceError):
     status, type = 422, "validation_error"
+
+
+class HeadersTooLarge(ServiceError):
+    status, type = 431, "headers_too_large"
 
 
 class Overloaded(ServiceError):

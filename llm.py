@@ -53,6 +53,7 @@ class Upstream:
     def __init__(self, settings: Settings) -> None:
         if not settings.groq_api_key:
             raise NotConfigured("GROQ_API_KEY is not set; the operator must set it to use /chat.")
+        self._secret: str = settings.groq_api_key
         self._timeout = settings.groq_timeout
         self._idle_timeout = settings.stream_idle_timeout
         self._client = groq.AsyncGroq(
@@ -67,7 +68,7 @@ class Upstream:
 
     async def complete(self, body: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
         """POST a chat completion; returns Groq's raw body and its parsed form."""
-        with _mapped_errors():
+        with _mapped_errors(self._secret):
             async with asyncio.timeout(self._timeout):
                 response = await self._client.post(CHAT_PATH, body=body, cast_to=httpx.Response)
             raw = response.content
@@ -78,7 +79,7 @@ class Upstream:
         return _result(data)
 
     async def models(self) -> dict[str, Any]:
-        with _mapped_errors():
+        with _mapped_errors(self._secret):
             async with asyncio.timeout(self._timeout):
                 response = await self._client.get(MODELS_PATH, cast_to=httpx.Response)
             return _json_object(response.content)
@@ -91,7 +92,7 @@ class Upstream:
         """
         body = {**body, "stream": True, "stream_options": body.get("stream_options") or _INCLUDE_USAGE}
         deadline = asyncio.get_running_loop().time() + self._timeout
-        with _mapped_errors():
+        with _mapped_errors(self._secret):
             async with asyncio.timeout_at(deadline):
                 response = cast(
                     httpx.Response,
@@ -206,24 +207,24 @@ def _usage(usage: object) -> dict[str, int] | None:
 
 
 @contextlib.contextmanager
-def _mapped_errors() -> Iterator[None]:
+def _mapped_errors(secret: str) -> Iterator[None]:
     """The one place where the SDK's and httpx's exceptions become ours."""
     try:
         yield
     except (TimeoutError, groq.APITimeoutError, httpx.TimeoutException) as exc:
         raise UpstreamTimeout("Groq did not answer in time; try again or raise GROQ_TIMEOUT.") from exc
     except groq.APIStatusError as exc:
-        raise _status_error(exc.status_code, exc.body, exc.response.headers) from exc
+        raise _status_error(exc.status_code, exc.body, exc.response.headers, secret) from exc
     except groq.APIConnectionError as exc:
         raise UpstreamUnreachable("Groq could not be reached; check the network or GROQ_BASE_URL.") from exc
     except httpx.TransportError as exc:
         raise UpstreamError("Groq closed the connection before the answer was complete; try again.") from exc
 
 
-def _status_error(status: int, body: object, headers: httpx.Headers) -> ServiceError:
+def _status_error(status: int, body: object, headers: httpx.Headers, secret: str) -> ServiceError:
     error = body.get("error") if isinstance(body, dict) else None
     message = error.get("message") if isinstance(error, dict) else None
-    groq_message = message[:1000] if isinstance(message, str) and message else None
+    groq_message = message[:1000].replace(secret, "[redacted]") if isinstance(message, str) and message else None
     if status in (400, 404, 413, 422):
         return UpstreamRejected(groq_message or f"Groq rejected the request (HTTP {status}).", status=status)
     if status in (401, 403):

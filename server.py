@@ -1,8 +1,9 @@
 """`python app.py`: settings, logging and uvicorn, with the two things uvicorn does not do by configuration.
 
 1. A client that opens a connection and never finishes its request head holds it forever: uvicorn
-   only times out idle keep-alive connections. `_GuardedProtocol` closes a connection that has not
-   delivered a complete head within CLIENT_TIMEOUT, or whose pending head grows past 64 KiB.
+   only times out idle keep-alive connections. And h11 only bounds a head that arrives in pieces.
+   `_GuardedProtocol` closes a connection that has not delivered a complete head within
+   CLIENT_TIMEOUT, answers 431 to a head over 32 KiB or 100 lines, and answers malformed HTTP with our envelope.
 2. After a graceful shutdown on SIGTERM, uvicorn re-raises the signal to itself, so the process
    would exit 143; `_Server` does not, so a clean drain exits 0.
 """
@@ -15,7 +16,9 @@ import logging
 import math
 import signal
 import sys
+import uuid
 from collections.abc import Callable, Iterator
+from http import HTTPStatus
 from types import FrameType
 from typing import Any
 
@@ -26,8 +29,10 @@ from uvicorn.supervisors import Multiprocess
 import logging_config
 from app import _secrets, create_app
 from config import Settings, SettingsError, load_settings
+from errors import HeadersTooLarge, InvalidRequest, ServiceError
 
-_MAX_HEAD_BYTES = 64 * 1024
+_MAX_HEAD_BYTES = 32 * 1024
+_MAX_HEAD_LINES = 100
 logger = logging.getLogger("service")
 
 
@@ -45,15 +50,30 @@ class _GuardedProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         self._arm()
 
     def data_received(self, data: bytes) -> None:
-        super().data_received(data)
         if self._waiting_for_head(self._armed_cycle):
-            self._head_bytes += len(data)
-            if self._head_bytes > _MAX_HEAD_BYTES:
-                self.transport.close()
+            end = data.find(b"\r\n\r\n")
+            stop = len(data) if end < 0 else end
+            self._head_bytes += stop
+            self._head_lines += data.count(b"\n", 0, stop)
+            if self._head_bytes > _MAX_HEAD_BYTES or self._head_lines > _MAX_HEAD_LINES:
+                logger.warning("request head over %d bytes or %d lines refused", _MAX_HEAD_BYTES, _MAX_HEAD_LINES)
+                self._refuse(HeadersTooLarge("The request head must be at most 32 KiB and 100 headers."))
+                return
+        super().data_received(data)
+
+    def send_400_response(self, msg: str) -> None:
+        self._refuse(InvalidRequest("The request is not valid HTTP/1.1."))
+
+    def _refuse(self, error: ServiceError) -> None:
+        body = error.body(uuid.uuid4().hex)
+        head = f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}\r\ncontent-type: application/json\r\n"
+        head += f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        self.transport.write(head.encode() + body)
+        self.transport.close()
 
     def _arm(self) -> None:
         self._armed_cycle = self.cycle
-        self._head_bytes = 0
+        self._head_bytes = self._head_lines = 0
         asyncio.get_running_loop().call_later(self.app_state.get("client_timeout", 15.0), self._expire, self.cycle)
 
     def _waiting_for_head(self, armed: Any) -> bool:
