@@ -16,7 +16,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from typing import Any
 
 from starlette.applications import Starlette
@@ -43,7 +43,7 @@ from errors import (
     UnsupportedMediaType,
 )
 from llm import ChatResult, Upstream
-from validation import parse_chat
+from validation import parse_chat, parse_completion
 
 logger = logging.getLogger("service")
 LOG_FIELDS = "service.log_fields"  # scope key: the dict that becomes the request's access line
@@ -60,6 +60,10 @@ def create_app(settings: Settings) -> Starlette:
         Route("/healthz", service.healthz),
         Route("/readyz", service.readyz),
         Route("/chat", service.chat, methods=["POST"]),
+        Route("/openai/v1/chat/completions", service.completions, methods=["POST"]),
+        Route("/v1/chat/completions", service.completions, methods=["POST"]),
+        Route("/openai/v1/models", service.models),
+        Route("/v1/models", service.models),
     ]
     cors = [
         Middleware(
@@ -125,53 +129,96 @@ class Service:
 
     async def chat(self, request: Request) -> Response:
         upstream = self._upstream()
-        body = await self._read_json(request)
-        chat = parse_chat(body, allowed_models=self.settings.allowed_models)
+        chat = parse_chat(await self._read_json(request), allowed_models=self.settings.allowed_models)
         model = chat.model or self.settings.groq_model
-        fields = request.scope[LOG_FIELDS]
-        fields["model"] = model
-        if self.settings.log_prompts:
-            fields["messages"] = chat.messages
-        self._acquire()
-        started = time.perf_counter()
+        fields = self._log_request(request, model, chat.messages)
         if chat.stream:
             pieces = upstream.chat_stream(chat.messages, model, chat.params)
-            try:
-                first = await anext(pieces)
-            except BaseException:
-                await pieces.aclose()
-                self._release()
-                raise
-            fields["upstream_ms"] = _ms(started)
-            events = self._chat_events(first, pieces, fields)
-            return _EventStream(events, headers=_STREAM_HEADERS, media_type="text/event-stream")
-        try:
+            return await self._stream(pieces, _chat_encoder(fields), _chat_error_event, fields)
+        with self._slot(fields):
             result = await upstream.chat(chat.messages, model, chat.params)
+        _log_result(fields, result.model, result.usage, fields.get("completion") is not None and result.content)
+        return _json(result.as_dict())
+
+    async def completions(self, request: Request) -> Response:
+        """The groq and openai SDKs' own route: Groq's body and stream relayed as Groq sent them."""
+        upstream = self._upstream()
+        completion = parse_completion(await self._read_json(request), allowed_models=self.settings.allowed_models)
+        fields = self._log_request(request, completion.model, completion.body["messages"])
+        if completion.stream:
+            events = upstream.stream_events(completion.body)
+            return await self._stream(events, _relay_encoder(fields), _openai_error_event, fields)
+        with self._slot(fields):
+            raw, data = await upstream.complete(completion.body)
+        _note_completion(fields, data)
+        return Response(raw, media_type=_JSON)
+
+    async def models(self, request: Request) -> Response:
+        with self._slot(request.scope[LOG_FIELDS]):
+            listing = await self._upstream().models()
+        if self.settings.allowed_models and isinstance(listing.get("data"), list):
+            listing["data"] = [
+                m for m in listing["data"] if isinstance(m, dict) and m.get("id") in self.settings.allowed_models
+            ]
+        return _json(listing)
+
+    def _log_request(self, request: Request, model: str, messages: object) -> dict[str, Any]:
+        fields: dict[str, Any] = request.scope[LOG_FIELDS]
+        fields["model"] = model
+        if self.settings.log_prompts:
+            fields["messages"] = messages
+            fields["completion"] = ""
+        return fields
+
+    @contextlib.contextmanager
+    def _slot(self, fields: dict[str, Any]) -> Iterator[None]:
+        self._acquire()
+        started = time.perf_counter()
+        try:
+            yield
         finally:
             self._release()
             fields["upstream_ms"] = _ms(started)
-        _log_result(fields, result, self.settings.log_prompts and result.content)
-        return _json(result.as_dict())
 
-    async def _chat_events(
-        self, piece: list[str] | ChatResult, pieces: AsyncGenerator[list[str] | ChatResult], fields: dict[str, Any]
-    ) -> AsyncGenerator[bytes]:
-        """SSE for /chat: one `data: {"content": ...}` per delta, the metadata, then `[DONE]`."""
-        finished = False
-        text: list[str] = []
+    async def _stream(
+        self,
+        pieces: AsyncGenerator[Any],
+        encode: Callable[[Any], bytes],
+        error_event: Callable[[ServiceError], bytes],
+        fields: dict[str, Any],
+    ) -> Response:
+        """Wait for the first piece (an error before it is an ordinary JSON error), then stream the rest."""
+        self._acquire()
+        started = time.perf_counter()
         try:
-            while not isinstance(piece, ChatResult):
-                if self.settings.log_prompts:
-                    text += piece
-                yield b"".join(b'data: {"content": %s}\n\n' % json.dumps(d).encode() for d in piece)
+            first = await anext(pieces)
+        except BaseException:
+            await pieces.aclose()
+            self._release()
+            raise
+        fields["upstream_ms"] = _ms(started)
+        events = self._relay(first, pieces, encode, error_event, fields)
+        return _EventStream(events, headers=_STREAM_HEADERS, media_type="text/event-stream")
+
+    async def _relay(
+        self,
+        piece: Any,
+        pieces: AsyncGenerator[Any],
+        encode: Callable[[Any], bytes],
+        error_event: Callable[[ServiceError], bytes],
+        fields: dict[str, Any],
+    ) -> AsyncGenerator[bytes]:
+        finished = False
+        try:
+            while True:
+                yield encode(piece)
                 piece = await anext(pieces)
-            _log_result(fields, piece, self.settings.log_prompts and "".join(text))
+        except StopAsyncIteration:
             finished = True
-            yield b"data: %s\n\ndata: [DONE]\n\n" % json.dumps(piece.as_dict()).encode()
-        except ServiceError as err:
+        except ServiceError as err:  # after the first byte, an error can only end the stream
             fields["error"] = err.type
             finished = True
-            yield b"event: error\ndata: %s\n\n" % err.body(logging_config.REQUEST_ID.get() or "")
+            yield error_event(err)
         finally:
             if not finished:
                 fields["disconnected"] = True
@@ -341,18 +388,64 @@ def _ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 2)
 
 
-def _log_result(fields: dict[str, Any], result: ChatResult, completion: str | bool) -> None:
-    fields["model"] = result.model
-    if result.usage:
-        fields["prompt_tokens"] = result.usage["prompt_tokens"]
-        fields["completion_tokens"] = result.usage["completion_tokens"]
+def _log_result(fields: dict[str, Any], model: object, usage: object, completion: str | bool) -> None:
+    if isinstance(model, str):
+        fields["model"] = model
+    if isinstance(usage, dict):
+        fields["prompt_tokens"] = usage.get("prompt_tokens")
+        fields["completion_tokens"] = usage.get("completion_tokens")
     if completion is not False:
         fields["completion"] = completion
 
 
+def _chat_encoder(fields: dict[str, Any]) -> Callable[[list[str] | ChatResult], bytes]:
+    """/chat events: one `data: {"content": ...}` per delta, then the metadata and `[DONE]`."""
+
+    def encode(piece: list[str] | ChatResult) -> bytes:
+        if isinstance(piece, ChatResult):
+            _log_result(fields, piece.model, piece.usage, False)
+            return b"data: %s\n\ndata: [DONE]\n\n" % json.dumps(piece.as_dict()).encode()
+        if "completion" in fields:
+            fields["completion"] += "".join(piece)
+        return b"".join(b'data: {"content": %s}\n\n' % json.dumps(d).encode() for d in piece)
+
+    return encode
+
+
+def _relay_encoder(fields: dict[str, Any]) -> Callable[[list[tuple[bytes, Any]]], bytes]:
+    """Groq's own events, byte for byte; only usage (and text, with LOG_PROMPTS) is read for the log."""
+
+    def encode(events: list[tuple[bytes, Any]]) -> bytes:
+        for _, data in events:
+            if isinstance(data, dict):
+                _note_completion(fields, data)
+        return b"".join(raw for raw, _ in events)
+
+    return encode
+
+
+def _note_completion(fields: dict[str, Any], data: dict[str, Any]) -> None:
+    usage = data.get("usage") or (data.get("x_groq") or {}).get("usage")
+    if usage:
+        _log_result(fields, data.get("model"), usage, False)
+    if "completion" in fields:
+        for choice in data.get("choices") or ():
+            part = (choice.get("delta") or choice.get("message") or {}).get("content")
+            fields["completion"] += part if isinstance(part, str) else ""
+
+
+def _chat_error_event(error: ServiceError) -> bytes:
+    return b"event: error\ndata: %s\n\n" % error.body(logging_config.REQUEST_ID.get() or "")
+
+
+def _openai_error_event(error: ServiceError) -> bytes:
+    return b"data: %s\n\n" % error.body(logging_config.REQUEST_ID.get() or "", openai=True)
+
+
 def _error_response(error: ServiceError, scope: Scope) -> Response:
     request_id = logging_config.REQUEST_ID.get() or ""
-    return Response(error.body(request_id), error.status, headers=error.headers, media_type=_JSON)
+    body = error.body(request_id, openai=scope["path"].startswith(("/openai/", "/v1/")))
+    return Response(body, error.status, headers=error.headers, media_type=_JSON)
 
 
 async def _service_error(request: Request, exc: Exception) -> Response:
@@ -369,7 +462,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
             f"This method is not allowed here; use {allow}.", headers={"Allow": allow}
         )
     else:
-        error = NotFound("No route matches this path; the endpoints are GET /, /healthz, /readyz and POST /chat.")
+        error = NotFound("No route matches this path; the endpoints are listed in the README.")
     return await _service_error(request, error)
 
 

@@ -90,7 +90,7 @@ class Upstream:
         GROQ_TIMEOUT bounds everything up to the first read, GROQ_STREAM_IDLE_TIMEOUT each later one.
         The upstream response is closed however the caller stops, so Groq stops generating.
         """
-        body = {**body, "stream": True, "stream_options": body.get("stream_options") or _INCLUDE_USAGE}
+        body = {**body, "stream": True}
         deadline = asyncio.get_running_loop().time() + self._timeout
         with _mapped_errors(self._secret):
             async with asyncio.timeout_at(deadline):
@@ -124,22 +124,21 @@ class Upstream:
         """Yield lists of text deltas (one list per read from Groq), then the final ChatResult."""
         final: dict[str, Any] = {"model": model}
         finish_reason = None
-        async for events in self.stream_events({"messages": messages, "model": model, **params}):
-            deltas = []
-            for _, data in events:
-                if data == "[DONE]":
-                    continue
-                final["model"] = data.get("model") or final["model"]
-                usage = data.get("usage") or (data.get("x_groq") or {}).get("usage")
-                if usage:
-                    final["usage"] = usage
-                for choice in data.get("choices") or ():
-                    content = (choice.get("delta") or {}).get("content")
-                    if content:
-                        deltas.append(content)
-                    finish_reason = choice.get("finish_reason") or finish_reason
-            if deltas:
-                yield deltas
+        body = {"messages": messages, "model": model, **params, "stream_options": _INCLUDE_USAGE}
+        async with contextlib.aclosing(self.stream_events(body)) as stream:
+            async for events in stream:
+                deltas = []
+                for _, data in events:
+                    if data == "[DONE]":
+                        continue
+                    final["model"] = data.get("model") or final["model"]
+                    final["usage"] = data.get("usage") or (data.get("x_groq") or {}).get("usage") or final.get("usage")
+                    for choice in data.get("choices") or ():
+                        if content := (choice.get("delta") or {}).get("content"):
+                            deltas.append(content)
+                        finish_reason = choice.get("finish_reason") or finish_reason
+                if deltas:
+                    yield deltas
         yield ChatResult("", str(final["model"]), _usage(final.get("usage")), finish_reason)
 
 
