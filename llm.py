@@ -34,6 +34,7 @@ from errors import (
 CHAT_PATH = "/openai/v1/chat/completions"
 MODELS_PATH = "/openai/v1/models"
 _INCLUDE_USAGE = {"include_usage": True}
+_POOL_SIZE = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,21 +57,46 @@ class Upstream:
         self._secret: str = settings.groq_api_key
         self._timeout = settings.groq_timeout
         self._idle_timeout = settings.stream_idle_timeout
-        self._client = groq.AsyncGroq(
-            api_key=settings.groq_api_key,
-            base_url=settings.groq_base_url,
-            timeout=settings.groq_timeout,
-            max_retries=settings.groq_max_retries,
-        )
+        # httpcore checks every idle connection of a pool on each call (a socket poll and a getpeername
+        # each), and closes idle ones while the pool holds more than its keep-alive limit. One pool sized
+        # for MAX_CONCURRENCY therefore costs O(connections) per call and collapses under load (measured:
+        # 90 req/s at c=64), so calls spread over small pools of 8, each call on the least busy one.
+        self._client_options: dict[str, Any] = {
+            "api_key": settings.groq_api_key,
+            "base_url": settings.groq_base_url,
+            "timeout": settings.groq_timeout,
+            "max_retries": settings.groq_max_retries,
+        }
+        self._tls = httpx.create_ssl_context()  # one CA bundle for all pools: each load costs ~25 ms and ~1 MB
+        shards = -(-settings.max_concurrency // _POOL_SIZE)
+        self._clients: list[groq.AsyncGroq | None] = [None] * shards  # each made when first needed
+        self._busy = [0] * shards
 
     async def aclose(self) -> None:
-        await self._client.close()
+        for client in self._clients:
+            if client is not None:
+                await client.close()
+
+    @contextlib.contextmanager
+    def _client(self) -> Iterator[groq.AsyncGroq]:
+        shard = self._busy.index(min(self._busy))
+        client = self._clients[shard]
+        if client is None:
+            limits = httpx.Limits(max_connections=_POOL_SIZE, max_keepalive_connections=_POOL_SIZE)
+            http_client = groq.DefaultAsyncHttpxClient(limits=limits, verify=self._tls)
+            client = self._clients[shard] = groq.AsyncGroq(**self._client_options, http_client=http_client)
+        self._busy[shard] += 1
+        try:
+            yield client
+        finally:
+            self._busy[shard] -= 1
 
     async def complete(self, body: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
         """POST a chat completion; returns Groq's raw body and its parsed form."""
         with _mapped_errors(self._secret):
             async with asyncio.timeout(self._timeout):
-                response = await self._client.post(CHAT_PATH, body=body, cast_to=httpx.Response)
+                with self._client() as client:
+                    response = await client.post(CHAT_PATH, body=body, cast_to=httpx.Response)
             raw = response.content
             return raw, _json_object(raw)
 
@@ -81,7 +107,8 @@ class Upstream:
     async def models(self) -> dict[str, Any]:
         with _mapped_errors(self._secret):
             async with asyncio.timeout(self._timeout):
-                response = await self._client.get(MODELS_PATH, cast_to=httpx.Response)
+                with self._client() as client:
+                    response = await client.get(MODELS_PATH, cast_to=httpx.Response)
             return _json_object(response.content)
 
     async def stream_events(self, body: dict[str, Any]) -> AsyncGenerator[list[tuple[bytes, Any]]]:
@@ -92,28 +119,29 @@ class Upstream:
         """
         body = {**body, "stream": True}
         deadline = asyncio.get_running_loop().time() + self._timeout
-        with _mapped_errors(self._secret):
+        with self._client() as client, _mapped_errors(self._secret):
             async with asyncio.timeout_at(deadline):
                 response = cast(
                     httpx.Response,
-                    await self._client.post(
+                    await client.post(
                         CHAT_PATH, body=body, cast_to=httpx.Response, stream=True, stream_cls=groq.AsyncStream[Any]
                     ),
                 )
             try:
                 reads = response.aiter_bytes()
-                pending = b""
-                done = False
-                while not done:
+                pending, done = b"", False
+                while True:  # read to the end even after [DONE], so the connection goes back to the pool
                     async with asyncio.timeout_at(deadline) if deadline else asyncio.timeout(self._idle_timeout):
                         data = await anext(reads, None)
                     deadline = 0.0
                     if data is None:
-                        raise UpstreamError("Groq ended the stream before it was complete; try again.")
-                    events, pending = _split_events(pending + data)
+                        break
+                    events, pending = ([], b"") if done else _split_events(pending + data)
                     if events:
                         done = events[-1][1] == "[DONE]"
                         yield events
+                if not done:
+                    raise UpstreamError("Groq ended the stream before it was complete; try again.")
             finally:
                 with anyio.CancelScope(shield=True):
                     await response.aclose()

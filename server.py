@@ -24,7 +24,6 @@ from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
-from uvicorn.supervisors import Multiprocess
 
 import logging_config
 from app import _secrets, create_app
@@ -43,7 +42,13 @@ class _GuardedProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)
+        self._deadline: asyncio.TimerHandle | None = None
         self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self._deadline is not None:
+            self._deadline.cancel()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -72,15 +77,19 @@ class _GuardedProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         self.transport.close()
 
     def _arm(self) -> None:
+        """Start the head deadline: at connection start, and after each response (one timer per connection)."""
         self._armed_cycle = self.cycle
         self._head_bytes = self._head_lines = 0
-        asyncio.get_running_loop().call_later(self.app_state.get("client_timeout", 15.0), self._expire, self.cycle)
+        if self._deadline is not None:
+            self._deadline.cancel()
+        timeout = self.app_state.get("client_timeout", 15.0)
+        self._deadline = asyncio.get_running_loop().call_later(timeout, self._expire)
 
     def _waiting_for_head(self, armed: Any) -> bool:
         return self.cycle is armed and (armed is None or armed.response_complete)
 
-    def _expire(self, armed: Any) -> None:
-        if self._waiting_for_head(armed) and not self.transport.is_closing():
+    def _expire(self) -> None:
+        if self._waiting_for_head(self._armed_cycle) and not self.transport.is_closing():
             self.transport.close()
 
 
@@ -129,6 +138,8 @@ def main() -> None:
     config = uvicorn_config(settings, app if settings.workers == 1 else "app:app", log_config)
     server = _Server(config, on_exit=lambda: setattr(app.state.service, "draining", True))
     if settings.workers > 1:
+        from uvicorn.supervisors import Multiprocess  # imported only when used: it costs ~2 MB
+
         Multiprocess(config, sockets=[config.bind_socket()]).run()
     else:
         server.run()

@@ -3,7 +3,7 @@
 The real groq SDK talks to it over a socket. What it answers is chosen per request by the `model`
 in the body (`fake.behaviours[model]`, else `fake.default`); everything it receives is recorded in
 `fake.received`, and how each stream ended in `fake.stream_ends`.
-Run as a script (`python tests/fake_groq.py --port 9000 --delay 0.05`) it serves the benchmark.
+Run as a script (`python tests/fake_groq.py --port 9000`) it serves the benchmark's models too.
 """
 
 from __future__ import annotations
@@ -295,18 +295,20 @@ def _stream_events(body: dict[str, Any], b: Behaviour) -> list[bytes]:
     return events
 
 
+BENCH_MODELS = {
+    "bench/delay50": Behaviour(delay=0.05),
+    "bench/stream": Behaviour(chunks=2000, chunk_delay=0.01, chunks_per_write=10),  # ~1,000 tokens/s, like Groq
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Fake Groq server for the benchmark")
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--delay", type=float, default=0.0, help="seconds before each response head")
-    parser.add_argument("--chunks", type=int, default=None, help="content chunks per stream")
-    parser.add_argument("--chunk-delay", type=float, default=0.0)
-    parser.add_argument("--chunks-per-write", type=int, default=1)
+    parser.add_argument("--stream-chunks", type=int, default=2000, help="content chunks per bench/stream answer")
     args = parser.parse_args()
     fake = FakeGroq()
-    fake.default = Behaviour(
-        delay=args.delay, chunks=args.chunks, chunk_delay=args.chunk_delay, chunks_per_write=args.chunks_per_write
-    )
+    fake.behaviours = dict(BENCH_MODELS)
+    fake.behaviours["bench/stream"].chunks = args.stream_chunks
     fake.received = _Discard()
     fake.start(args.port)
     print(fake.port, flush=True)

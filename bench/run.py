@@ -1,0 +1,339 @@
+"""The benchmark: what the service adds to a Groq call, measured against a fast fake Groq on 127.0.0.1.
+
+    python bench/run.py                     # 3 runs, medians with min-max, writes bench/results/<date>.md
+    python bench/run.py --quick --out -     # a tiny smoke run (what the tests do)
+
+With 2+ cores the service runs alone on core 0 and the fake upstream and load generator on core 1.
+Load comes from wrk when installed (apt-get install wrk), else from a lean asyncio client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "gsk_fake_test_key_0123456789"
+CHAT = {"prompt": "Say hello"}
+TICKS = os.sysconf("SC_CLK_TCK")
+TWO_CORES = (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
+
+
+def pinned(core: str) -> list[str]:
+    return ["taskset", "-c", core] if TWO_CORES else []
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def family(pid: int) -> list[int]:
+    """The process and its descendants (uvicorn workers)."""
+    pids, i = [pid], 0
+    while i < len(pids):
+        children = Path(f"/proc/{pids[i]}/task/{pids[i]}/children")
+        pids += [int(p) for p in children.read_text().split()] if children.exists() else []
+        i += 1
+    return pids
+
+
+def cpu_seconds(pid: int) -> float:
+    total = 0
+    for p in family(pid):
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / TICKS
+
+
+def rss_mb(pid: int) -> float:
+    kb = 0
+    for p in family(pid):
+        kb += int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{p}/status").read_text()).group(1))  # type: ignore[union-attr]
+    return kb / 1024
+
+
+def start_fake(python: str, chunks: int) -> tuple[subprocess.Popen[str], str]:
+    command = [*pinned("1"), python, str(ROOT / "tests" / "fake_groq.py"), "--stream-chunks", str(chunks)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    return proc, f"http://127.0.0.1:{proc.stdout.readline().strip()}"
+
+
+def start_service(python: str, fake_url: str, workers: int) -> tuple[subprocess.Popen[bytes], str, float]:
+    port = free_port()
+    env = {**os.environ, "GROQ_API_KEY": KEY, "GROQ_BASE_URL": fake_url, "PORT": str(port), "WORKERS": str(workers)}
+    cores = "0" if workers == 1 else "0,1"
+    started = time.perf_counter()
+    proc = subprocess.Popen([*pinned(cores), python, "app.py"], cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                if sock.recv(64).startswith(b"HTTP/1.1 200"):
+                    return proc, url, (time.perf_counter() - started) * 1000
+        except OSError:
+            assert proc.poll() is None, "service exited"
+            time.sleep(0.002)
+
+
+def load(
+    url: str, path: str, body: dict[str, Any], concurrency: int, seconds: float, auth: bool = False
+) -> dict[str, float]:
+    """Closed-loop load: requests/s, p50/p99 latency in ms and the number of requests answered 200."""
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {KEY}"} if auth else {})}
+    if shutil.which("wrk"):
+        return _wrk(url + path, json.dumps(body), headers, concurrency, seconds)
+    return asyncio.run(_asyncio_load(url, path, json.dumps(body).encode(), headers, concurrency, seconds))
+
+
+def _wrk(url: str, body: str, headers: dict[str, str], concurrency: int, seconds: float) -> dict[str, float]:
+    lua = "wrk.method = 'POST'\nwrk.body = " + json.dumps(body) + "\n"
+    lua += "".join(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}\n" for k, v in headers.items())
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
+        script.write(lua)
+        script.flush()
+        command = [
+            *pinned("1"),
+            "wrk",
+            "-t1",
+            f"-c{concurrency}",
+            f"-d{max(1, round(seconds))}s",
+            "--latency",
+            "-s",
+            script.name,
+            url,
+        ]
+        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        "p50": _ms(re.search(r"50%\s+([\d.]+\w+)", out).group(1)),  # type: ignore[union-attr]
+        "p99": _ms(re.search(r"99%\s+([\d.]+\w+)", out).group(1)),  # type: ignore[union-attr]
+        "ok": requests - (int(bad.group(1)) if bad else 0),
+    }
+
+
+def _ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(\w+)", text).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+async def _asyncio_load(
+    url: str, path: str, body: bytes, headers: dict[str, str], concurrency: int, seconds: float
+) -> dict[str, float]:
+    host, port = url.removeprefix("http://").split(":")
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n"
+    request = (head + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode() + body
+    latencies: list[float] = []
+    ok = 0
+    deadline = time.perf_counter() + seconds
+
+    async def client() -> None:
+        nonlocal ok
+        reader, writer = await asyncio.open_connection(host, int(port))
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            writer.write(request)
+            status_head = await reader.readuntil(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length: (\d+)", status_head).group(1))  # type: ignore[union-attr]
+            await reader.readexactly(length)
+            latencies.append((time.perf_counter() - started) * 1000)
+            ok += status_head.startswith(b"HTTP/1.1 200")
+        writer.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    cuts = statistics.quantiles(latencies, n=100)
+    return {"rps": len(latencies) / (time.perf_counter() - started), "p50": cuts[49], "p99": cuts[98], "ok": ok}
+
+
+async def _streams(url: str, count: int) -> int:
+    """`count` concurrent streamed /chat calls read to the end; returns the content events received."""
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": "Count", "stream": True, "model": "bench/stream"}).encode()
+    request = "POST /chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    request += f"Content-Length: {len(body)}\r\n\r\n"
+
+    async def one() -> int:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(request.encode() + body)
+        data = await reader.read()
+        writer.close()
+        assert b"data: [DONE]" in data, data[-200:]
+        return data.count(b'data: {"content": "t')
+
+    return sum(await asyncio.gather(*(one() for _ in range(count))))
+
+
+FLOOR = """
+import asyncio, sys, time, groq
+async def main(url, key, model, concurrency, seconds):
+    client = groq.AsyncGroq(api_key=key, base_url=url, max_retries=0)
+    messages = [{"role": "user", "content": "Say hello"}]
+    calls = 0
+    async def worker(until):
+        nonlocal calls
+        while time.perf_counter() < until:
+            await client.chat.completions.create(messages=messages, model=model)
+            calls += 1
+    await asyncio.gather(*(worker(time.perf_counter() + 0.5) for _ in range(concurrency)))  # warm-up
+    calls, started = 0, time.process_time()
+    await asyncio.gather(*(worker(time.perf_counter() + seconds) for _ in range(concurrency)))
+    print((time.process_time() - started) / calls * 1e6)
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])))
+"""
+
+
+def sdk_floor_us(python: str, fake_url: str, model: str, concurrency: int, seconds: float) -> float:
+    """CPU of one bare AsyncGroq.chat.completions.create against the same fake, in its own process on core 0."""
+    command = [*pinned("0"), python, "-c", FLOOR, fake_url, KEY, model, str(concurrency), str(seconds)]
+    return float(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+
+
+def runtime_distributions(python: str) -> int:
+    command = [python, str(ROOT / "scripts" / "runtime_deps.py"), "--count"]
+    return int(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+
+
+def one_run(python: str, fake_url: str, seconds: float, streams: int, chunks: int, workers: int) -> dict[str, float]:
+    row: dict[str, float] = {}
+    service, url, row["cold_start_ms"] = start_service(python, fake_url, workers)
+    try:
+        time.sleep(0.3)
+        row["rss_idle_mb"] = rss_mb(service.pid)
+        load(url, "/chat", CHAT, 1, 0.5)  # warm-up
+        cpu = cpu_seconds(service.pid)
+        c1 = load(url, "/chat", CHAT, 1, seconds)
+        row["cpu_us_c1"] = (cpu_seconds(service.pid) - cpu) / c1["ok"] * 1e6
+        direct = load(
+            fake_url,
+            "/openai/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "Say hello"}], "model": "m"},
+            1,
+            seconds,
+            auth=True,
+        )
+        row |= {
+            "c1_p50_ms": c1["p50"],
+            "c1_p99_ms": c1["p99"],
+            "direct_p50_ms": direct["p50"],
+            "direct_p99_ms": direct["p99"],
+        }
+        row["added_p50_ms"] = c1["p50"] - direct["p50"]
+        cpu = cpu_seconds(service.pid)
+        fast = load(url, "/chat", CHAT, 64, seconds)
+        row["cpu_us_c64"] = (cpu_seconds(service.pid) - cpu) / fast["ok"] * 1e6
+        row |= {"c64_rps": fast["rps"], "c64_p99_ms": fast["p99"]}
+        cpu = cpu_seconds(service.pid)
+        slow = load(url, "/chat", {**CHAT, "model": "bench/delay50"}, 64, seconds)
+        row["cpu_us_c64_delay50"] = (cpu_seconds(service.pid) - cpu) / slow["ok"] * 1e6
+        row |= {"c64_delay50_rps": slow["rps"], "c64_delay50_p99_ms": slow["p99"]}
+        time.sleep(0.5)  # calls cut off at the end of the last phase still hold their slots for up to 50 ms
+        cpu = cpu_seconds(service.pid)
+        forwarded = asyncio.run(_streams(url, streams))
+        assert forwarded == streams * chunks, (forwarded, streams * chunks)
+        row["cpu_us_per_chunk"] = (cpu_seconds(service.pid) - cpu) / forwarded * 1e6
+        row["chunks_per_cpu_s"] = 1e6 / row["cpu_us_per_chunk"]
+        row["rss_after_mb"] = rss_mb(service.pid)
+    finally:
+        service.terminate()
+        service.wait(30)
+    row["floor_us_c1"] = sdk_floor_us(python, fake_url, "openai/gpt-oss-20b", 1, seconds)
+    row["floor_us_c64_delay50"] = sdk_floor_us(python, fake_url, "bench/delay50", 64, seconds)
+    row["ratio_c1"] = row["cpu_us_c1"] / row["floor_us_c1"]
+    row["ratio_c64_delay50"] = row["cpu_us_c64_delay50"] / row["floor_us_c64_delay50"]
+    return row
+
+
+FIGURES = [  # key, label, target, format
+    ("ratio_c1", "CPU per /chat ÷ CPU of one bare AsyncGroq call, one at a time", "≤ 1.25", "{:.2f}"),
+    ("cpu_us_c1", "service CPU per non-streamed /chat, c=1 (µs)", "", "{:.0f}"),
+    ("floor_us_c1", "SDK floor: one AsyncGroq.chat.completions.create, c=1 (µs CPU)", "", "{:.0f}"),
+    ("ratio_c64_delay50", "the same ratio at c=64 with 50 ms upstream (SDK floor also at c=64)", "", "{:.2f}"),
+    ("cpu_us_c64_delay50", "service CPU per /chat, c=64, 50 ms upstream (µs)", "", "{:.0f}"),
+    ("floor_us_c64_delay50", "SDK floor at c=64, 50 ms upstream (µs CPU)", "", "{:.0f}"),
+    ("cpu_us_c64", "service CPU per /chat, c=64, no upstream delay (µs)", "", "{:.0f}"),
+    ("c64_delay50_rps", "throughput c=64, 50 ms upstream (req/s)", "≥ 480", "{:.0f}"),
+    ("c64_delay50_p99_ms", "p99 c=64, 50 ms upstream (ms)", "", "{:.1f}"),
+    ("c64_rps", "throughput c=64, no upstream delay (req/s)", "", "{:.0f}"),
+    ("c64_p99_ms", "p99 c=64, no upstream delay (ms)", "", "{:.1f}"),
+    ("c1_p50_ms", "p50 c=1 through the service (ms)", "", "{:.2f}"),
+    ("c1_p99_ms", "p99 c=1 through the service (ms)", "", "{:.2f}"),
+    ("direct_p50_ms", "p50 c=1 straight to the fake (ms)", "", "{:.2f}"),
+    ("added_p50_ms", "p50 added latency c=1 (ms)", "≤ 2.0", "{:.2f}"),
+    ("cpu_us_per_chunk", "CPU per forwarded stream chunk (µs)", "≤ 50", "{:.1f}"),
+    ("chunks_per_cpu_s", "forwarded chunks per CPU-second", "≥ 20,000", "{:,.0f}"),
+    ("cold_start_ms", "cold start: process start → first 200 on / (ms)", "≤ 450", "{:.0f}"),
+    ("rss_idle_mb", "RSS idle (MB)", "≤ 45", "{:.1f}"),
+    ("rss_after_mb", "RSS after load (MB)", "≤ 55", "{:.1f}"),
+]
+
+
+def report(rows: list[dict[str, float]], distributions: int, meta: str) -> str:
+    lines = [meta, "", "| figure | median | min–max | target |", "|---|---|---|---|"]
+    for key, label, target, fmt in FIGURES:
+        values = [r[key] for r in rows]
+        spread = f"{fmt.format(min(values))}–{fmt.format(max(values))}"
+        lines.append(f"| {label} | {fmt.format(statistics.median(values))} | {spread} | {target} |")
+    lines.append(f"| installed runtime distributions | {distributions} | | ≤ 18 |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each load phase")
+    parser.add_argument("--streams", type=int, default=64)
+    parser.add_argument("--chunks", type=int, default=2000)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--python", default=sys.executable, help="interpreter of the venv to measure")
+    parser.add_argument("--quick", action="store_true", help="a tiny smoke run: 1 run, short phases")
+    parser.add_argument("--out", help="Markdown file to write ('-' for none); default bench/results/<date>.md")
+    args = parser.parse_args()
+    if args.quick:
+        args.runs, args.seconds, args.streams, args.chunks = 1, 0.5, 4, 50
+    fake, fake_url = start_fake(args.python, args.chunks)
+    try:
+        rows = [
+            one_run(args.python, fake_url, args.seconds, args.streams, args.chunks, args.workers)
+            for _ in range(args.runs)
+        ]
+    finally:
+        fake.terminate()
+        fake.wait(10)
+    loader = "wrk" if shutil.which("wrk") else "asyncio client"
+    meta = (
+        f"{datetime.date.today()} · {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()} · {args.runs} runs × {args.seconds:g} s phases, load by {loader}, "
+        f"workers={args.workers}, {'service pinned to core 0' if TWO_CORES else 'no pinning'} · "
+        f"`python bench/run.py {' '.join(sys.argv[1:])}`"
+    )
+    table = report(rows, runtime_distributions(args.python), meta)
+    print(table)
+    if args.out != "-":
+        out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"{datetime.date.today()}.md"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table)
+        print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
