@@ -1,4 +1,4 @@
-"""The Starlette app: routes, middleware and the handlers behind them.
+"""The Starlette app: its routes and middleware declared in one place, and the handlers behind them.
 
 Run it with `python app.py` (see server.py) or `python -m uvicorn app:app`.
 """
@@ -8,27 +8,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
-import hmac
-import ipaddress
 import json
 import logging
-import re
 import time
-import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response, StreamingResponse
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import logging_config
+import streaming
 from config import Settings, SettingsError, load_settings
 from errors import (
     InvalidJSON,
@@ -39,18 +34,14 @@ from errors import (
     PayloadTooLarge,
     RequestTimeout,
     ServiceError,
-    Unauthorized,
     UnsupportedMediaType,
 )
-from llm import ChatResult, Upstream
+from llm import Upstream
+from middleware import LOG_FIELDS, Authorize, RequestLog, elapsed_ms, error_response
 from validation import parse_chat, parse_completion
 
 logger = logging.getLogger("service")
-LOG_FIELDS = "service.log_fields"  # scope key: the dict that becomes the request's access line
-OPEN_PATHS = frozenset({"/", "/healthz", "/readyz"})
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _JSON = "application/json"
-_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -74,12 +65,12 @@ def create_app(settings: Settings) -> Starlette:
             expose_headers=["X-Request-ID", "Retry-After"],
         )
     ]
-    # Real order, outermost first: Starlette's ServerErrorMiddleware -> _Observe -> CORS (if set)
-    # -> _Authorize -> Starlette's ExceptionMiddleware -> router.
+    # Real order, outermost first: Starlette's ServerErrorMiddleware -> RequestLog -> CORS (if set)
+    # -> Authorize -> Starlette's ExceptionMiddleware -> router.
     middleware = [
-        Middleware(_Observe, secrets=_secrets(settings)),
+        Middleware(RequestLog, secrets=settings.secrets()),
         *(cors if settings.cors_origins else []),
-        Middleware(_Authorize, keys=settings.service_api_keys),
+        Middleware(Authorize, keys=settings.service_api_keys),
     ]
     app = Starlette(
         routes=routes,
@@ -134,10 +125,15 @@ class Service:
         fields = self._log_request(request, model, chat.messages)
         if chat.stream:
             pieces = upstream.chat_stream(chat.messages, model, chat.params)
-            return await self._stream(pieces, _chat_encoder(fields), _chat_error_event, fields)
+            self._acquire()
+            return await streaming.start(
+                pieces, streaming.chat_encoder(fields), streaming.chat_error_event, fields, self._release
+            )
         with self._slot(fields):
             result = await upstream.chat(chat.messages, model, chat.params)
-        _log_result(fields, result.model, result.usage, fields.get("completion") is not None and result.content)
+        streaming.log_result(
+            fields, result.model, result.usage, fields.get("completion") is not None and result.content
+        )
         return _json(result.as_dict())
 
     async def completions(self, request: Request) -> Response:
@@ -147,10 +143,13 @@ class Service:
         fields = self._log_request(request, completion.model, completion.body["messages"])
         if completion.stream:
             events = upstream.stream_events(completion.body)
-            return await self._stream(events, _relay_encoder(fields), _openai_error_event, fields)
+            self._acquire()
+            return await streaming.start(
+                events, streaming.relay_encoder(fields), streaming.openai_error_event, fields, self._release
+            )
         with self._slot(fields):
             raw, data = await upstream.complete(completion.body)
-        _note_completion(fields, data)
+        streaming.note_completion(fields, data)
         return Response(raw, media_type=_JSON)
 
     async def models(self, request: Request) -> Response:
@@ -178,52 +177,7 @@ class Service:
             yield
         finally:
             self._release()
-            fields["upstream_ms"] = _ms(started)
-
-    async def _stream(
-        self,
-        pieces: AsyncGenerator[Any],
-        encode: Callable[[Any], bytes],
-        error_event: Callable[[ServiceError], bytes],
-        fields: dict[str, Any],
-    ) -> Response:
-        """Wait for the first piece (an error before it is an ordinary JSON error), then stream the rest."""
-        self._acquire()
-        started = time.perf_counter()
-        try:
-            first = await anext(pieces)
-        except BaseException:
-            await pieces.aclose()
-            self._release()
-            raise
-        fields["upstream_ms"] = _ms(started)
-        events = self._relay(first, pieces, encode, error_event, fields)
-        return _EventStream(events, headers=_STREAM_HEADERS, media_type="text/event-stream")
-
-    async def _relay(
-        self,
-        piece: Any,
-        pieces: AsyncGenerator[Any],
-        encode: Callable[[Any], bytes],
-        error_event: Callable[[ServiceError], bytes],
-        fields: dict[str, Any],
-    ) -> AsyncGenerator[bytes]:
-        finished = False
-        try:
-            while True:
-                yield encode(piece)
-                piece = await anext(pieces)
-        except StopAsyncIteration:
-            finished = True
-        except ServiceError as err:  # after the first byte, an error can only end the stream
-            fields["error"] = err.type
-            finished = True
-            yield error_event(err)
-        finally:
-            if not finished:
-                fields["disconnected"] = True
-            await pieces.aclose()
-            self._release()
+            fields["upstream_ms"] = elapsed_ms(started)
 
     def _upstream(self) -> Upstream:
         if self.upstream is None:
@@ -267,191 +221,14 @@ class Service:
         return body
 
 
-class _EventStream(StreamingResponse):
-    """A StreamingResponse that always closes its generator, so the upstream stream and the
-    concurrency slot are released as soon as the client goes, not when the generator is collected."""
-
-    def __init__(self, events: AsyncGenerator[bytes], **kwargs: Any) -> None:
-        super().__init__(events, **kwargs)
-        self._events = events
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._events.aclose()
-
-
-class _Observe:
-    """Request id, the one access line per request, and the last-resort 500."""
-
-    def __init__(self, app: ASGIApp, secrets: tuple[str, ...]) -> None:
-        self.app = app
-        self._secrets = frozenset(secrets)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started = time.perf_counter()
-        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"").decode("latin-1")
-        echo = _REQUEST_ID.fullmatch(given) and given not in self._secrets  # a token pasted here is not echoed
-        request_id = given if echo else uuid.uuid4().hex
-        token = logging_config.REQUEST_ID.set(request_id)
-        client = scope.get("client")
-        fields: dict[str, Any] = {"method": scope["method"], "path": scope["path"], "status": 500}
-        fields["client"] = f"{client[0]}:{client[1]}" if client else None
-        scope[LOG_FIELDS] = fields
-        id_header = (b"x-request-id", request_id.encode())
-        response_started = False
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal response_started
-            if message["type"] == "http.response.start":
-                response_started = True
-                fields["status"] = message["status"]
-                message["headers"] = [*message.get("headers", ()), id_header]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        except ClientDisconnect:
-            fields["disconnected"] = True
-        except Exception as exc:
-            error = exc if isinstance(exc, ServiceError) else ServiceError()
-            if not isinstance(exc, ServiceError):
-                logger.exception("unhandled error")
-            fields["error"] = error.type
-            if not response_started:
-                await _error_response(error, scope)(scope, receive, send_with_id)
-        finally:
-            fields["duration_ms"] = _ms(started)
-            logger.info("request", extra={"fields": fields})
-            logging_config.REQUEST_ID.reset(token)
-
-
-class _Authorize:
-    """Every route but the open ones needs a service token, or a loopback peer when none is configured.
-
-    Decided on the raw `scope["path"]`, never on a URL rebuilt from the Host header.
-    """
-
-    def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
-        self.app = app
-        self._digests = {hashlib.sha256(k.encode()).digest(): hashlib.sha256(k.encode()).hexdigest()[:8] for k in keys}
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        refusal = None if scope["type"] != "http" or scope["path"] in OPEN_PATHS else self._refusal(scope)
-        if refusal is None:
-            await self.app(scope, receive, send)
-        else:
-            scope[LOG_FIELDS]["error"] = refusal.type
-            await _error_response(refusal, scope)(scope, receive, send)
-
-    def _refusal(self, scope: Scope) -> ServiceError | None:
-        if not self._digests:
-            if _is_loopback(scope.get("client")):
-                return None
-            return Unauthorized("Only loopback clients may call this service until the operator sets SERVICE_API_KEYS.")
-        key_id = self._key_id(scope)
-        if key_id is None:
-            message = "A valid service token is required: send Authorization: Bearer <token>."
-            return Unauthorized(message, headers={"WWW-Authenticate": "Bearer"})
-        scope[LOG_FIELDS]["key_id"] = key_id
-        return None
-
-    def _key_id(self, scope: Scope) -> str | None:
-        header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-        scheme, _, token = header.partition(b" ")
-        digest = hashlib.sha256(token.strip()).digest()
-        found = None
-        for known, key_id in self._digests.items():  # compare with every key, in constant time
-            if hmac.compare_digest(digest, known) and scheme.lower() == b"bearer":
-                found = key_id
-        return found
-
-
-def _is_loopback(client: tuple[str, int] | None) -> bool:
-    try:
-        address = ipaddress.ip_address(client[0]) if client else None
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    return address is not None and address.is_loopback
-
-
 def _json(payload: dict[str, Any], status: int = 200) -> Response:
     return Response(json.dumps(payload, ensure_ascii=False).encode(), status, media_type=_JSON)
-
-
-def _ms(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000, 2)
-
-
-def _log_result(fields: dict[str, Any], model: object, usage: object, completion: str | bool) -> None:
-    if isinstance(model, str):
-        fields["model"] = model
-    if isinstance(usage, dict):
-        fields["prompt_tokens"] = usage.get("prompt_tokens")
-        fields["completion_tokens"] = usage.get("completion_tokens")
-    if completion is not False:
-        fields["completion"] = completion
-
-
-def _chat_encoder(fields: dict[str, Any]) -> Callable[[list[str] | ChatResult], bytes]:
-    """/chat events: one `data: {"content": ...}` per delta, then the metadata and `[DONE]`."""
-
-    def encode(piece: list[str] | ChatResult) -> bytes:
-        if isinstance(piece, ChatResult):
-            _log_result(fields, piece.model, piece.usage, False)
-            return b"data: %s\n\ndata: [DONE]\n\n" % json.dumps(piece.as_dict()).encode()
-        if "completion" in fields:
-            fields["completion"] += "".join(piece)
-        return b"".join(b'data: {"content": %s}\n\n' % json.dumps(d).encode() for d in piece)
-
-    return encode
-
-
-def _relay_encoder(fields: dict[str, Any]) -> Callable[[list[tuple[bytes, Any]]], bytes]:
-    """Groq's own events, byte for byte; only usage (and text, with LOG_PROMPTS) is read for the log."""
-
-    def encode(events: list[tuple[bytes, Any]]) -> bytes:
-        for _, data in events:
-            if isinstance(data, dict):
-                _note_completion(fields, data)
-        return b"".join(raw for raw, _ in events)
-
-    return encode
-
-
-def _note_completion(fields: dict[str, Any], data: dict[str, Any]) -> None:
-    usage = data.get("usage") or (data.get("x_groq") or {}).get("usage")
-    if usage:
-        _log_result(fields, data.get("model"), usage, False)
-    if "completion" in fields:
-        for choice in data.get("choices") or ():
-            part = (choice.get("delta") or choice.get("message") or {}).get("content")
-            fields["completion"] += part if isinstance(part, str) else ""
-
-
-def _chat_error_event(error: ServiceError) -> bytes:
-    return b"event: error\ndata: %s\n\n" % error.body(logging_config.REQUEST_ID.get() or "")
-
-
-def _openai_error_event(error: ServiceError) -> bytes:
-    return b"data: %s\n\n" % error.body(logging_config.REQUEST_ID.get() or "", openai=True)
-
-
-def _error_response(error: ServiceError, scope: Scope) -> Response:
-    request_id = logging_config.REQUEST_ID.get() or ""
-    body = error.body(request_id, openai=scope["path"].startswith(("/openai/", "/v1/")))
-    return Response(body, error.status, headers=error.headers, media_type=_JSON)
 
 
 async def _service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
     request.scope[LOG_FIELDS]["error"] = exc.type
-    return _error_response(exc, request.scope)
+    return error_response(exc, request.scope)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -473,12 +250,8 @@ def _app_from_environment() -> Starlette:
         settings = load_settings()
     except SettingsError as exc:
         raise SystemExit(f"configuration error: {exc}") from None
-    logging_config.configure(level=settings.log_level, fmt=settings.log_format, secrets=_secrets(settings))
+    logging_config.configure(level=settings.log_level, fmt=settings.log_format, secrets=settings.secrets())
     return create_app(settings)
-
-
-def _secrets(settings: Settings) -> tuple[str, ...]:
-    return (settings.groq_api_key or "", *settings.service_api_keys)
 
 
 def __getattr__(name: str) -> Any:

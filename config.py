@@ -41,6 +41,10 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     forwarded_allow_ips: str = ""
 
+    def secrets(self) -> tuple[str, ...]:
+        """What must never reach a log line or a client: the Groq key and the client tokens."""
+        return tuple(s for s in (self.groq_api_key, *self.service_api_keys) if s)
+
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Settings from `environ` (default: `.env` overlaid by the real environment, which wins)."""

@@ -26,7 +26,7 @@ import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 import logging_config
-from app import _secrets, create_app
+from app import create_app
 from config import Settings, SettingsError, load_settings
 from errors import HeadersTooLarge, InvalidRequest, ServiceError
 
@@ -133,7 +133,7 @@ def main() -> None:
         settings = load_settings()
     except SettingsError as exc:
         sys.exit(f"configuration error: {exc}")
-    log_config = logging_config.configure(level=settings.log_level, fmt=settings.log_format, secrets=_secrets(settings))
+    log_config = logging_config.configure(level=settings.log_level, fmt=settings.log_format, secrets=settings.secrets())
     app = create_app(settings)
     config = uvicorn_config(settings, app if settings.workers == 1 else "app:app", log_config)
     server = _Server(config, on_exit=lambda: setattr(app.state.service, "draining", True))

@@ -22,7 +22,7 @@ from fake_groq import API_KEY, FakeGroq
 
 import logging_config
 import server
-from app import _secrets, create_app
+from app import create_app
 from config import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +41,7 @@ class Service:
         self.settings = load_settings(env)
         self._logs = io.StringIO()
         logging_config.configure(
-            level=self.settings.log_level, fmt="json", secrets=_secrets(self.settings), stream=self._logs
+            level=self.settings.log_level, fmt="json", secrets=self.settings.secrets(), stream=self._logs
         )
         self.app = create_app(self.settings)
         self.server = uvicorn.Server(server.uvicorn_config(self.settings, self.app, log_config=None))

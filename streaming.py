@@ -1,0 +1,139 @@
+"""Server-sent events: a stream starts only once its first piece is in hand, then relays the rest.
+
+An error before the first piece is an ordinary JSON error response; after it, an error can only end
+the stream with one error event. However the stream ends, the upstream generator is closed and
+`release` is called, so Groq stops generating and the concurrency slot is freed at once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncGenerator, Callable
+from typing import Any
+
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+import logging_config
+from errors import ServiceError
+from llm import ChatResult
+
+_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+Encoder = Callable[[Any], bytes]
+
+
+async def start(
+    pieces: AsyncGenerator[Any],
+    encode: Encoder,
+    error_event: Callable[[ServiceError], bytes],
+    fields: dict[str, Any],
+    release: Callable[[], None],
+) -> Response:
+    """Wait for the first piece, then answer 200 with the event stream; the caller holds a slot for it."""
+    started = time.perf_counter()
+    try:
+        first = await anext(pieces)
+    except BaseException:
+        await pieces.aclose()
+        release()
+        raise
+    fields["upstream_ms"] = round((time.perf_counter() - started) * 1000, 2)
+    events = _relay(first, pieces, encode, error_event, fields, release)
+    return _EventStream(events, headers=_HEADERS, media_type="text/event-stream")
+
+
+async def _relay(
+    piece: Any,
+    pieces: AsyncGenerator[Any],
+    encode: Encoder,
+    error_event: Callable[[ServiceError], bytes],
+    fields: dict[str, Any],
+    release: Callable[[], None],
+) -> AsyncGenerator[bytes]:
+    finished = False
+    try:
+        while True:
+            yield encode(piece)
+            piece = await anext(pieces)
+    except StopAsyncIteration:
+        finished = True
+    except ServiceError as err:
+        fields["error"] = err.type
+        finished = True
+        yield error_event(err)
+    finally:
+        if not finished:
+            fields["disconnected"] = True
+        await pieces.aclose()
+        release()
+
+
+class _EventStream(StreamingResponse):
+    """A StreamingResponse that always closes its generator, so the upstream stream and the
+    concurrency slot are released as soon as the client goes, not when the generator is collected."""
+
+    def __init__(self, events: AsyncGenerator[bytes], **kwargs: Any) -> None:
+        super().__init__(events, **kwargs)
+        self._events = events
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._events.aclose()
+
+
+def chat_encoder(fields: dict[str, Any]) -> Callable[[list[str] | ChatResult], bytes]:
+    """/chat events: one `data: {"content": ...}` per delta, then the metadata and `[DONE]`."""
+
+    def encode(piece: list[str] | ChatResult) -> bytes:
+        if isinstance(piece, ChatResult):
+            log_result(fields, piece.model, piece.usage, False)
+            return b"data: %s\n\ndata: [DONE]\n\n" % json.dumps(piece.as_dict()).encode()
+        if "completion" in fields:
+            fields["completion"] += "".join(piece)
+        return b"".join(b'data: {"content": %s}\n\n' % json.dumps(d).encode() for d in piece)
+
+    return encode
+
+
+def relay_encoder(fields: dict[str, Any]) -> Callable[[list[tuple[bytes, Any]]], bytes]:
+    """Groq's own events, byte for byte; only usage (and text, with LOG_PROMPTS) is read for the log."""
+
+    def encode(events: list[tuple[bytes, Any]]) -> bytes:
+        for _, data in events:
+            if isinstance(data, dict):
+                note_completion(fields, data)
+        return b"".join(raw for raw, _ in events)
+
+    return encode
+
+
+def note_completion(fields: dict[str, Any], data: dict[str, Any]) -> None:
+    usage = data.get("usage") or (data.get("x_groq") or {}).get("usage")
+    if usage:
+        log_result(fields, data.get("model"), usage, False)
+    if "completion" in fields:
+        for choice in data.get("choices") or ():
+            part = (choice.get("delta") or choice.get("message") or {}).get("content")
+            fields["completion"] += part if isinstance(part, str) else ""
+
+
+def chat_error_event(error: ServiceError) -> bytes:
+    return b"event: error\ndata: %s\n\n" % error.body(logging_config.REQUEST_ID.get() or "")
+
+
+def openai_error_event(error: ServiceError) -> bytes:
+    return b"data: %s\n\n" % error.body(logging_config.REQUEST_ID.get() or "", openai=True)
+
+
+def log_result(fields: dict[str, Any], model: object, usage: object, completion: str | bool) -> None:
+    """Put what Groq reports (model, token counts, and the text with LOG_PROMPTS) on the access line."""
+    if isinstance(model, str):
+        fields["model"] = model
+    if isinstance(usage, dict):
+        fields["prompt_tokens"] = usage.get("prompt_tokens")
+        fields["completion_tokens"] = usage.get("completion_tokens")
+    if completion is not False:
+        fields["completion"] = completion
