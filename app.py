@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -22,20 +23,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+import errors
 import logging_config
 import streaming
 from config import Settings, SettingsError, load_settings
-from errors import (
-    InvalidJSON,
-    MethodNotAllowed,
-    NotConfigured,
-    NotFound,
-    Overloaded,
-    PayloadTooLarge,
-    RequestTimeout,
-    ServiceError,
-    UnsupportedMediaType,
-)
 from llm import Upstream
 from middleware import LOG_FIELDS, Authorize, RequestLog, elapsed_ms, error_response
 from validation import parse_chat, parse_completion
@@ -76,7 +67,7 @@ def create_app(settings: Settings) -> Starlette:
         routes=routes,
         middleware=middleware,
         lifespan=service.lifespan,
-        exception_handlers={HTTPException: _http_error, ServiceError: _service_error},
+        exception_handlers={HTTPException: _http_error, errors.ServiceError: _service_error},
     )
     app.state.service = service
     return app
@@ -134,7 +125,7 @@ class Service:
         streaming.log_result(
             fields, result.model, result.usage, fields.get("completion") is not None and result.content
         )
-        return _json(result.as_dict())
+        return _json(dataclasses.asdict(result))
 
     async def completions(self, request: Request) -> Response:
         """The groq and openai SDKs' own route: Groq's body and stream relayed as Groq sent them."""
@@ -181,12 +172,12 @@ class Service:
 
     def _upstream(self) -> Upstream:
         if self.upstream is None:
-            raise NotConfigured("GROQ_API_KEY is not set; the operator must set it before /chat can answer.")
+            raise errors.NotConfigured("GROQ_API_KEY is not set; the operator must set it before /chat can answer.")
         return self.upstream
 
     def _acquire(self) -> None:
         if self.in_flight >= self.settings.max_concurrency:
-            raise Overloaded("Too many requests are in flight; retry in a second.", retry_after="1")
+            raise errors.Overloaded("Too many requests are in flight; retry in a second.", retry_after="1")
         self.in_flight += 1
 
     def _release(self) -> None:
@@ -196,9 +187,9 @@ class Service:
         """The body as a JSON object: media type and size checked before parsing, size counted as it arrives."""
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media_type != _JSON:
-            raise UnsupportedMediaType("Send the body as JSON with Content-Type: application/json.")
+            raise errors.UnsupportedMediaType("Send the body as JSON with Content-Type: application/json.")
         limit = self.settings.max_body_bytes
-        too_large = PayloadTooLarge(f"The body must be at most {limit} bytes (MAX_BODY_BYTES).")
+        too_large = errors.PayloadTooLarge(f"The body must be at most {limit} bytes (MAX_BODY_BYTES).")
         length = request.headers.get("content-length")
         if length is not None and int(length) > limit:
             raise too_large
@@ -211,13 +202,15 @@ class Service:
                         raise too_large
                     chunks.append(chunk)
         except TimeoutError:
-            raise RequestTimeout("The body did not arrive within CLIENT_TIMEOUT seconds; send it promptly.") from None
+            raise errors.RequestTimeout(
+                "The body did not arrive within CLIENT_TIMEOUT seconds; send it promptly."
+            ) from None
         try:
             body = json.loads(b"".join(chunks))
         except (ValueError, RecursionError):
-            raise InvalidJSON("The body is not valid JSON; send one UTF-8 JSON object.") from None
+            raise errors.InvalidJSON("The body is not valid JSON; send one UTF-8 JSON object.") from None
         if not isinstance(body, dict):
-            raise InvalidJSON('The body must be a JSON object, e.g. {"prompt": "Hello"}.')
+            raise errors.InvalidJSON('The body must be a JSON object, e.g. {"prompt": "Hello"}.')
         return body
 
 
@@ -226,7 +219,7 @@ def _json(payload: dict[str, Any], status: int = 200) -> Response:
 
 
 async def _service_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ServiceError)
+    assert isinstance(exc, errors.ServiceError)
     request.scope[LOG_FIELDS]["error"] = exc.type
     return error_response(exc, request.scope)
 
@@ -235,11 +228,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
         allow = (exc.headers or {}).get("Allow", "")
-        error: ServiceError = MethodNotAllowed(
+        error: errors.ServiceError = errors.MethodNotAllowed(
             f"This method is not allowed here; use {allow}.", headers={"Allow": allow}
         )
     else:
-        error = NotFound("No route matches this path; the endpoints are listed in the README.")
+        error = errors.NotFound("No route matches this path; the endpoints are listed in the README.")
     return await _service_error(request, error)
 
 

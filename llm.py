@@ -19,22 +19,15 @@ import anyio
 import groq
 import httpx
 
+import errors
 from config import Settings, load_settings
-from errors import (
-    NotConfigured,
-    RateLimited,
-    ServiceError,
-    UpstreamAuth,
-    UpstreamError,
-    UpstreamRejected,
-    UpstreamTimeout,
-    UpstreamUnreachable,
-)
+from validation import parse_chat
 
 CHAT_PATH = "/openai/v1/chat/completions"
 MODELS_PATH = "/openai/v1/models"
 _INCLUDE_USAGE = {"include_usage": True}
 _POOL_SIZE = 8
+Messages = list[dict[str, str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,23 +37,19 @@ class ChatResult:
     usage: dict[str, int] | None
     finish_reason: str | None
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"content": self.content, "model": self.model, "usage": self.usage, "finish_reason": self.finish_reason}
-
 
 class Upstream:
-    """One shared AsyncGroq client (one connection pool), created at start-up and closed at shutdown."""
+    """The Groq clients the process shares (small connection pools), made at start-up, closed at shutdown."""
 
     def __init__(self, settings: Settings) -> None:
         if not settings.groq_api_key:
-            raise NotConfigured("GROQ_API_KEY is not set; the operator must set it to use /chat.")
+            raise errors.NotConfigured("GROQ_API_KEY is not set; the operator must set it to use /chat.")
         self._secret: str = settings.groq_api_key
         self._timeout = settings.groq_timeout
         self._idle_timeout = settings.stream_idle_timeout
-        # httpcore checks every idle connection of a pool on each call (a socket poll and a getpeername
-        # each), and closes idle ones while the pool holds more than its keep-alive limit. One pool sized
-        # for MAX_CONCURRENCY therefore costs O(connections) per call and collapses under load (measured:
-        # 90 req/s at c=64), so calls spread over small pools of 8, each call on the least busy one.
+        # httpcore checks every idle connection of a pool on each call (a poll and a getpeername each), so one
+        # pool sized for MAX_CONCURRENCY costs O(connections) per call and collapses under load (90 req/s at
+        # c=64, bench/run.py); calls spread over small pools of 8 instead, each on the least busy one.
         self._client_options: dict[str, Any] = {
             "api_key": settings.groq_api_key,
             "base_url": settings.groq_base_url,
@@ -93,23 +82,22 @@ class Upstream:
 
     async def complete(self, body: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
         """POST a chat completion; returns Groq's raw body and its parsed form."""
-        with _mapped_errors(self._secret):
-            async with asyncio.timeout(self._timeout):
-                with self._client() as client:
-                    response = await client.post(CHAT_PATH, body=body, cast_to=httpx.Response)
-            raw = response.content
-            return raw, _json_object(raw)
+        raw = await self._call(CHAT_PATH, body)
+        return raw, _json_object(raw)
 
-    async def chat(self, messages: list[dict[str, str]], model: str, params: dict[str, Any]) -> ChatResult:
+    async def chat(self, messages: Messages, model: str, params: dict[str, Any]) -> ChatResult:
         _, data = await self.complete({"messages": messages, "model": model, **params})
         return _result(data)
 
     async def models(self) -> dict[str, Any]:
-        with _mapped_errors(self._secret):
+        return _json_object(await self._call(MODELS_PATH, None))
+
+    async def _call(self, path: str, body: dict[str, Any] | None) -> bytes:
+        with _mapped_errors(self._secret), self._client() as client:
             async with asyncio.timeout(self._timeout):
-                with self._client() as client:
-                    response = await client.get(MODELS_PATH, cast_to=httpx.Response)
-            return _json_object(response.content)
+                if body is None:
+                    return (await client.get(path, cast_to=httpx.Response)).content
+                return (await client.post(path, body=body, cast_to=httpx.Response)).content
 
     async def stream_events(self, body: dict[str, Any]) -> AsyncGenerator[list[tuple[bytes, Any]]]:
         """Yield, per read from Groq, its complete SSE events as (raw event, parsed data).
@@ -141,13 +129,13 @@ class Upstream:
                         done = events[-1][1] == "[DONE]"
                         yield events
                 if not done:
-                    raise UpstreamError("Groq ended the stream before it was complete; try again.")
+                    raise errors.UpstreamError("Groq ended the stream before it was complete; try again.")
             finally:
                 with anyio.CancelScope(shield=True):
                     await response.aclose()
 
     async def chat_stream(
-        self, messages: list[dict[str, str]], model: str, params: dict[str, Any]
+        self, messages: Messages, model: str, params: dict[str, Any]
     ) -> AsyncGenerator[list[str] | ChatResult]:
         """Yield lists of text deltas (one list per read from Groq), then the final ChatResult."""
         final: dict[str, Any] = {"model": model}
@@ -171,34 +159,32 @@ class Upstream:
 
 
 def _split_events(buffer: bytes) -> tuple[list[tuple[bytes, Any]], bytes]:
-    """Complete SSE events in `buffer` as (raw event, parsed data), and the incomplete rest."""
+    """Complete SSE events in `buffer` as (raw event without its blank line, parsed data), and the rest."""
     if b"\r" in buffer:
         buffer = buffer.replace(b"\r\n", b"\n")
     *blocks, rest = buffer.split(b"\n\n")
     events: list[tuple[bytes, Any]] = []
     for block in blocks:
-        lines = block.split(b"\n")
-        data = b"\n".join(ln[5:].lstrip(b" ") for ln in lines if ln.startswith(b"data:"))
-        if not data:
-            continue
+        if block.startswith(b"data: ") and b"\n" not in block:  # Groq's usual one-line event
+            data, error_event = block[6:], False
+        else:
+            lines = block.split(b"\n")
+            data = b"\n".join(ln[5:].lstrip(b" ") for ln in lines if ln.startswith(b"data:"))
+            error_event = any(ln.replace(b" ", b"") == b"event:error" for ln in lines)
         if data == b"[DONE]":
-            events.append((block + b"\n\n", "[DONE]"))
-            continue
-        try:
-            parsed = json.loads(data)
-        except ValueError as exc:
-            raise UpstreamError("Groq sent a stream event that is not JSON; try again.") from exc
-        if not isinstance(parsed, dict) or parsed.get("error") or b"event: error" in lines:
-            raise _stream_error(parsed)
-        events.append((block + b"\n\n", parsed))
+            events.append((block, "[DONE]"))
+        elif data:
+            try:
+                parsed = json.loads(data)
+            except ValueError as exc:
+                raise errors.UpstreamError("Groq sent a stream event that is not JSON; try again.") from exc
+            if error_event or not isinstance(parsed, dict) or parsed.get("error"):
+                error = parsed.get("error") if isinstance(parsed, dict) else None
+                message = error.get("message") if isinstance(error, dict) else error
+                detail = f": {message[:500]}" if isinstance(message, str) and message else ""
+                raise errors.UpstreamError(f"Groq reported an error during the stream{detail}")
+            events.append((block, parsed))
     return events, rest
-
-
-def _stream_error(parsed: object) -> ServiceError:
-    error = parsed.get("error") if isinstance(parsed, dict) else None
-    message = error.get("message") if isinstance(error, dict) else error
-    detail = f": {message[:500]}" if isinstance(message, str) and message else ""
-    return UpstreamError(f"Groq reported an error during the stream{detail}")
 
 
 def _json_object(raw: bytes) -> dict[str, Any]:
@@ -207,7 +193,7 @@ def _json_object(raw: bytes) -> dict[str, Any]:
     except ValueError:
         data = None
     if not isinstance(data, dict):
-        raise UpstreamError("Groq sent a body that is not a JSON object; try again.")
+        raise errors.UpstreamError("Groq sent a body that is not a JSON object; try again.")
     return data
 
 
@@ -220,7 +206,7 @@ def _result(data: dict[str, Any]) -> ChatResult:
         if not (isinstance(content, str) and isinstance(model, str)):
             raise TypeError
     except (KeyError, IndexError, TypeError, AttributeError) as exc:
-        raise UpstreamError("Groq sent a body that is not a valid chat completion; try again.") from exc
+        raise errors.UpstreamError("Groq sent a body that is not a valid chat completion; try again.") from exc
     return ChatResult(content, model, _usage(data.get("usage")), finish_reason)
 
 
@@ -239,30 +225,30 @@ def _mapped_errors(secret: str) -> Iterator[None]:
     try:
         yield
     except (TimeoutError, groq.APITimeoutError, httpx.TimeoutException) as exc:
-        raise UpstreamTimeout("Groq did not answer in time; try again or raise GROQ_TIMEOUT.") from exc
+        raise errors.UpstreamTimeout("Groq did not answer in time; try again or raise GROQ_TIMEOUT.") from exc
     except groq.APIStatusError as exc:
         raise _status_error(exc.status_code, exc.body, exc.response.headers, secret) from exc
     except groq.APIConnectionError as exc:
-        raise UpstreamUnreachable("Groq could not be reached; check the network or GROQ_BASE_URL.") from exc
+        raise errors.UpstreamUnreachable("Groq could not be reached; check the network or GROQ_BASE_URL.") from exc
     except httpx.TransportError as exc:
-        raise UpstreamError("Groq closed the connection before the answer was complete; try again.") from exc
+        raise errors.UpstreamError("Groq closed the connection before the answer was complete; try again.") from exc
 
 
-def _status_error(status: int, body: object, headers: httpx.Headers, secret: str) -> ServiceError:
+def _status_error(status: int, body: object, headers: httpx.Headers, secret: str) -> errors.ServiceError:
     error = body.get("error") if isinstance(body, dict) else None
     message = error.get("message") if isinstance(error, dict) else None
     groq_message = message[:1000].replace(secret, "[redacted]") if isinstance(message, str) and message else None
     if status in (400, 404, 413, 422):
-        return UpstreamRejected(groq_message or f"Groq rejected the request (HTTP {status}).", status=status)
+        return errors.UpstreamRejected(groq_message or f"Groq rejected the request (HTTP {status}).", status=status)
     if status in (401, 403):
-        return UpstreamAuth(
+        return errors.UpstreamAuth(
             f"Groq refused the service's credentials (HTTP {status}); the operator must check GROQ_API_KEY."
         )
     if status == 429:
-        return RateLimited(
+        return errors.RateLimited(
             groq_message or "Groq's rate limit was reached; retry later.", retry_after=_retry_after(headers)
         )
-    return UpstreamError(f"Groq answered HTTP {status}; try again later.")
+    return errors.UpstreamError(f"Groq answered HTTP {status}; try again later.")
 
 
 def _retry_after(headers: httpx.Headers) -> str | None:
@@ -273,11 +259,11 @@ def _retry_after(headers: httpx.Headers) -> str | None:
     return str(max(0, math.ceil(seconds))) if math.isfinite(seconds) else None
 
 
-# Blocking use from scripts. Each call runs the same async code on a private event loop with a
-# client of its own, so scripts get the app's exact deadlines and errors; not for use inside a loop.
+# Blocking use from scripts: the same async code on a private event loop with a client of its own, so
+# scripts get the app's exact deadlines and errors (so not for use inside a running loop).
 
 
-def chat_completion(messages: list[dict[str, str]], model: str | None = None, **params: Any) -> ChatResult:
+def chat_completion(messages: Messages, model: str | None = None, **params: Any) -> ChatResult:
     """Blocking chat completion for scripts, configured from the environment (and `.env`)."""
 
     async def run() -> ChatResult:
@@ -290,9 +276,7 @@ def chat_completion(messages: list[dict[str, str]], model: str | None = None, **
     return asyncio.run(run())
 
 
-def stream_chat_completion(
-    messages: list[dict[str, str]], model: str | None = None, **params: Any
-) -> Iterator[str | ChatResult]:
+def stream_chat_completion(messages: Messages, model: str | None = None, **params: Any) -> Iterator[str | ChatResult]:
     """Blocking stream for scripts: text deltas as they arrive, then the final ChatResult."""
     upstream, request = _script_call(messages, model, params)
     loop = asyncio.new_event_loop()
@@ -307,10 +291,8 @@ def stream_chat_completion(
 
 
 def _script_call(
-    messages: list[dict[str, str]], model: str | None, params: dict[str, Any]
-) -> tuple[Upstream, tuple[list[dict[str, str]], str, dict[str, Any]]]:
-    from validation import parse_chat
-
+    messages: Messages, model: str | None, params: dict[str, Any]
+) -> tuple[Upstream, tuple[Messages, str, dict[str, Any]]]:
     settings = load_settings()
     body: dict[str, Any] = {"messages": messages, **params, **({"model": model} if model is not None else {})}
     request = parse_chat(body, allowed_models=settings.allowed_models)

@@ -7,6 +7,7 @@ the stream with one error event. However the stream ends, the upstream generator
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -90,7 +91,7 @@ def chat_encoder(fields: dict[str, Any]) -> Callable[[list[str] | ChatResult], b
     def encode(piece: list[str] | ChatResult) -> bytes:
         if isinstance(piece, ChatResult):
             log_result(fields, piece.model, piece.usage, False)
-            return b"data: %s\n\ndata: [DONE]\n\n" % json.dumps(piece.as_dict()).encode()
+            return b"data: %s\n\ndata: [DONE]\n\n" % json.dumps(dataclasses.asdict(piece)).encode()
         if "completion" in fields:
             fields["completion"] += "".join(piece)
         return b"".join(b'data: {"content": %s}\n\n' % json.dumps(d).encode() for d in piece)
@@ -105,7 +106,7 @@ def relay_encoder(fields: dict[str, Any]) -> Callable[[list[tuple[bytes, Any]]],
         for _, data in events:
             if isinstance(data, dict):
                 note_completion(fields, data)
-        return b"".join(raw for raw, _ in events)
+        return b"\n\n".join([raw for raw, _ in events]) + b"\n\n"
 
     return encode
 

@@ -1,4 +1,4 @@
-"""Fail when a service module passes 300 lines or all of them together pass 1,000 (tests, bench, docs excluded).
+"""Fail when a service module passes its line budget, or all of them together pass theirs (tests, bench, docs excluded).
 
 Raise a budget only in the same commit as the code that needs it, with the reason beside it.
 """
@@ -7,7 +7,11 @@ import sys
 from pathlib import Path
 
 MODULE_BUDGET = 300
-TOTAL_BUDGET = 1000
+# Raised from 1,000, which was set for the first contract (/, /healthz, /readyz, /chat). The service since
+# streams (SSE relay, idle deadline, cancellation), is hardened (client tokens, body and head limits, slow
+# clients, overload, graceful shutdown) and serves the groq/openai SDK routes with a strict allowlist:
+# 1,631 lines in 9 modules, none over 300. Raise it again only with the change that needs it.
+TOTAL_BUDGET = 1650
 ROOT = Path(__file__).resolve().parent.parent
 
 counts = {path.name: len(path.read_text().splitlines()) for path in sorted(ROOT.glob("*.py"))}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -68,7 +69,7 @@ def test_stream_chat_completion_yields_deltas_then_metadata(script_env: FakeGroq
     *deltas, final = pieces
     assert deltas == ["t0 ", "t1 ", "t2 ", "t3 ", "t4 "]
     assert isinstance(final, llm.ChatResult)
-    assert final.as_dict() == {
+    assert dataclasses.asdict(final) == {
         "content": "",
         "model": "openai/gpt-oss-20b",
         "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
