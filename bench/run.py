@@ -94,11 +94,11 @@ def start_service(python: str, fake_url: str, workers: int) -> tuple[subprocess.
 
 
 def load(
-    url: str, path: str, body: dict[str, Any], concurrency: int, seconds: float, auth: bool = False
+    url: str, path: str, body: dict[str, Any], concurrency: int, seconds: float, auth: bool = False, *, wrk: bool
 ) -> dict[str, float]:
     """Closed-loop load: requests/s, p50/p99 latency in ms and the number of requests answered 200."""
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {KEY}"} if auth else {})}
-    if shutil.which("wrk"):
+    if wrk:
         return _wrk(url + path, json.dumps(body), headers, concurrency, seconds)
     return asyncio.run(_asyncio_load(url, path, json.dumps(body).encode(), headers, concurrency, seconds))
 
@@ -213,15 +213,17 @@ def runtime_distributions(python: str) -> int:
     return int(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
 
 
-def one_run(python: str, fake_url: str, seconds: float, streams: int, chunks: int, workers: int) -> dict[str, float]:
+def one_run(
+    python: str, fake_url: str, seconds: float, streams: int, chunks: int, workers: int, wrk: bool
+) -> dict[str, float]:
     row: dict[str, float] = {}
     service, url, row["cold_start_ms"] = start_service(python, fake_url, workers)
     try:
         time.sleep(0.3)
         row["rss_idle_mb"] = rss_mb(service.pid)
-        load(url, "/chat", CHAT, 1, 0.5)  # warm-up
+        load(url, "/chat", CHAT, 1, 0.5, wrk=wrk)  # warm-up
         cpu = cpu_seconds(service.pid)
-        c1 = load(url, "/chat", CHAT, 1, seconds)
+        c1 = load(url, "/chat", CHAT, 1, seconds, wrk=wrk)
         row["cpu_us_c1"] = (cpu_seconds(service.pid) - cpu) / c1["ok"] * 1e6
         direct = load(
             fake_url,
@@ -230,6 +232,7 @@ def one_run(python: str, fake_url: str, seconds: float, streams: int, chunks: in
             1,
             seconds,
             auth=True,
+            wrk=wrk,
         )
         row |= {
             "c1_p50_ms": c1["p50"],
@@ -239,11 +242,11 @@ def one_run(python: str, fake_url: str, seconds: float, streams: int, chunks: in
         }
         row["added_p50_ms"] = c1["p50"] - direct["p50"]
         cpu = cpu_seconds(service.pid)
-        fast = load(url, "/chat", CHAT, 64, seconds)
+        fast = load(url, "/chat", CHAT, 64, seconds, wrk=wrk)
         row["cpu_us_c64"] = (cpu_seconds(service.pid) - cpu) / fast["ok"] * 1e6
         row |= {"c64_rps": fast["rps"], "c64_p99_ms": fast["p99"]}
         cpu = cpu_seconds(service.pid)
-        slow = load(url, "/chat", {**CHAT, "model": "bench/delay50"}, 64, seconds)
+        slow = load(url, "/chat", {**CHAT, "model": "bench/delay50"}, 64, seconds, wrk=wrk)
         row["cpu_us_c64_delay50"] = (cpu_seconds(service.pid) - cpu) / slow["ok"] * 1e6
         row |= {"c64_delay50_rps": slow["rps"], "c64_delay50_p99_ms": slow["p99"]}
         time.sleep(0.5)  # calls cut off at the end of the last phase still hold their slots for up to 50 ms
@@ -306,20 +309,22 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--python", default=sys.executable, help="interpreter of the venv to measure")
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run: 1 run, short phases")
+    parser.add_argument("--no-wrk", action="store_true", help="use the asyncio load generator even if wrk is installed")
     parser.add_argument("--out", help="Markdown file to write ('-' for none); default bench/results/<date>.md")
     args = parser.parse_args()
+    wrk = shutil.which("wrk") is not None and not args.no_wrk
     if args.quick:
         args.runs, args.seconds, args.streams, args.chunks = 1, 0.5, 4, 50
     fake, fake_url = start_fake(args.python, args.chunks)
     try:
         rows = [
-            one_run(args.python, fake_url, args.seconds, args.streams, args.chunks, args.workers)
+            one_run(args.python, fake_url, args.seconds, args.streams, args.chunks, args.workers, wrk)
             for _ in range(args.runs)
         ]
     finally:
         fake.terminate()
         fake.wait(10)
-    loader = "wrk" if shutil.which("wrk") else "asyncio client"
+    loader = "wrk" if wrk else "asyncio client"
     meta = (
         f"{datetime.date.today()} · {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()} · {args.runs} runs × {args.seconds:g} s phases, load by {loader}, "

@@ -1,0 +1,82 @@
+"""What an auditor relies on: pinned dependencies, a known runtime set, documented config, a working benchmark."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+from runtime_deps import installed_runtime
+
+REQUIREMENT = re.compile(r"^([A-Za-z0-9._-]+)==([^ \\]+) \\$")
+
+
+def pins(path: Path) -> dict[str, str]:
+    """name -> version for every requirement in a pip-compile file, asserting each is exact and hashed."""
+    found: dict[str, str] = {}
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if not line or line.startswith(("#", " ")):
+            continue
+        match = REQUIREMENT.match(line)
+        assert match, f"{path.name}: {line!r} is not pinned with == and hashes"
+        assert lines[i + 1].strip().startswith("--hash=sha256:"), f"{path.name}: {line!r} has no hash"
+        found[match.group(1).lower()] = match.group(2)
+    return found
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+
+
+@pytest.mark.parametrize("name", ["requirements.txt", "requirements-dev.txt", "requirements-fast.txt"])
+def test_every_requirement_is_pinned_with_hashes(name: str) -> None:
+    assert pins(ROOT / name)
+
+
+def test_security_floors_are_pinned() -> None:
+    runtime = pins(ROOT / "requirements.txt")
+    assert version_tuple(runtime["starlette"]) >= (1, 3, 1)
+    assert version_tuple(runtime["h11"]) >= (0, 16)
+    assert version_tuple(runtime["uvicorn"]) >= (0, 54)
+
+
+def test_runtime_set_is_the_readme_table_and_the_lock_file() -> None:
+    """A new transitive dependency cannot slip in: it would be installed but not in the README table."""
+    section = (ROOT / "README.md").read_text().split("## Dependencies", 1)[1].split("\n## ", 1)[0]
+    table = {row.split("|")[1].strip(" `").lower() for row in section.splitlines() if row.startswith("| `")}
+    installed = set(installed_runtime())
+    assert installed == table, (
+        f"installed but not documented: {installed - table}; documented only: {table - installed}"
+    )
+    assert set(pins(ROOT / "requirements.txt")) == table
+    assert len(table) <= 18
+
+
+def test_env_example_lists_exactly_the_variables_the_code_reads() -> None:
+    source = (ROOT / "config.py").read_text()
+    read = set(re.findall(r'(?:environ\.get|env\.\w+|_check_model)\("([A-Z][A-Z0-9_]+)"', source))
+    example = set(re.findall(r"^([A-Z][A-Z0-9_]+)=", (ROOT / ".env.example").read_text(), re.M))
+    assert read == example
+    documented = (ROOT / "README.md").read_text()
+    assert all(f"`{name}`" in documented for name in read)
+
+
+def test_the_size_budget_holds() -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "size_budget.py")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_benchmark_runs(tmp_path: Path) -> None:
+    """A tiny run of bench/run.py, without wrk: the benchmark itself works; no timing is asserted."""
+    out = tmp_path / "bench.md"
+    command = [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--no-wrk", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = out.read_text()
+    for label in ("CPU per /chat", "throughput c=64, 50 ms upstream", "CPU per forwarded stream chunk", "cold start"):
+        assert label in table
+    assert re.search(r"\| installed runtime distributions \| 18 \|", table)
