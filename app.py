@@ -115,8 +115,8 @@ class Service:
         model = chat.model or self.settings.groq_model
         fields = self._log_request(request, model, chat.messages)
         if chat.stream:
-            pieces = upstream.chat_stream(chat.messages, model, chat.params)
             self._acquire()
+            pieces = upstream.chat_stream(chat.messages, model, chat.params)
             return await streaming.start(
                 pieces, streaming.chat_encoder(fields), streaming.chat_error_event, fields, self._release
             )
@@ -133,8 +133,8 @@ class Service:
         completion = parse_completion(await self._read_json(request), allowed_models=self.settings.allowed_models)
         fields = self._log_request(request, completion.model, completion.body["messages"])
         if completion.stream:
-            events = upstream.stream_events(completion.body)
             self._acquire()
+            events = upstream.stream_events(completion.body)
             return await streaming.start(
                 events, streaming.relay_encoder(fields), streaming.openai_error_event, fields, self._release
             )

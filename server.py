@@ -70,9 +70,10 @@ class _GuardedProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         self._refuse(InvalidRequest("The request is not valid HTTP/1.1."))
 
     def _refuse(self, error: ServiceError) -> None:
-        body = error.body(uuid.uuid4().hex)
+        request_id = uuid.uuid4().hex
+        body = error.body(request_id)
         head = f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}\r\ncontent-type: application/json\r\n"
-        head += f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        head += f"content-length: {len(body)}\r\nx-request-id: {request_id}\r\nconnection: close\r\n\r\n"
         self.transport.write(head.encode() + body)
         self.transport.close()
 

@@ -19,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 import logging_config
 from errors import ServiceError
 from llm import ChatResult
+from middleware import elapsed_ms
 
 _HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 Encoder = Callable[[Any], bytes]
@@ -39,7 +40,7 @@ async def start(
         await pieces.aclose()
         release()
         raise
-    fields["upstream_ms"] = round((time.perf_counter() - started) * 1000, 2)
+    fields["upstream_ms"] = elapsed_ms(started)
     events = _relay(first, pieces, encode, error_event, fields, release)
     return _EventStream(events, headers=_HEADERS, media_type="text/event-stream")
 

@@ -129,3 +129,12 @@ def test_control_characters_never_split_a_log_line(fmt: str) -> None:
     assert output.count("\n") == 1 and "\r" not in output and "\x1b" not in output and "\u2028" not in output
     assert "s3cret" not in output and "[redacted]" in output
     logging.captureWarnings(False)
+
+
+def test_two_workers_serve_and_stop_cleanly(fake: FakeGroq, start_process: Any) -> None:
+    proc = start_process({**groq_env(fake), "WORKERS": "2"})
+    statuses = {httpx.post(proc.url + "/chat", json={"prompt": "hi"}).status_code for _ in range(6)}
+    assert statuses == {200}
+    assert proc.stop() == 0
+    started = [line for line in proc.json_lines() if "Started server process" in line["msg"]]
+    assert len(started) == 2
