@@ -189,22 +189,22 @@ class Service:
         if media_type != _JSON:
             raise errors.UnsupportedMediaType("Send the body as JSON with Content-Type: application/json.")
         limit = self.settings.max_body_bytes
-        too_large = errors.PayloadTooLarge(f"The body must be at most {limit} bytes (MAX_BODY_BYTES).")
         length = request.headers.get("content-length")
-        if length is not None and int(length) > limit:
-            raise too_large
-        chunks, size = [], 0
-        try:
-            async with asyncio.timeout(self.settings.client_timeout):
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > limit:
-                        raise too_large
-                    chunks.append(chunk)
-        except TimeoutError:
-            raise errors.RequestTimeout(
-                "The body did not arrive within CLIENT_TIMEOUT seconds; send it promptly."
-            ) from None
+        size = limit + 1 if length is not None and int(length) > limit else 0  # then refused unread
+        chunks: list[bytes] = []
+        if size <= limit:
+            try:
+                async with asyncio.timeout(self.settings.client_timeout):
+                    async for chunk in request.stream():
+                        size += len(chunk)
+                        if size > limit:
+                            break
+                        chunks.append(chunk)
+            except TimeoutError:
+                message = "The body did not arrive within CLIENT_TIMEOUT seconds; send it promptly."
+                raise errors.RequestTimeout(message) from None
+        if size > limit:
+            raise errors.PayloadTooLarge(f"The body must be at most {limit} bytes (MAX_BODY_BYTES).")
         try:
             body = json.loads(b"".join(chunks))
         except (ValueError, RecursionError):

@@ -1,4 +1,4 @@
-"""The only module that talks to Groq: one AsyncGroq client, its calls, and its errors mapped once.
+"""The only module that talks to Groq: the SDK clients, their calls, and their errors mapped once.
 
 Calls go through the SDK's documented `client.post(..., cast_to=httpx.Response)`, so auth, retries
 and status errors are the SDK's, while the body is parsed once with `json` instead of being built
@@ -26,7 +26,9 @@ from validation import parse_chat
 CHAT_PATH = "/openai/v1/chat/completions"
 MODELS_PATH = "/openai/v1/models"
 _INCLUDE_USAGE = {"include_usage": True}
+_TOKEN_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
 _POOL_SIZE = 8
+_MAX_EVENT_BYTES = 4 * 1024 * 1024  # one SSE event; a stream never needs to buffer more
 Messages = list[dict[str, str]]
 
 
@@ -100,13 +102,14 @@ class Upstream:
                 return (await client.post(path, body=body, cast_to=httpx.Response)).content
 
     async def stream_events(self, body: dict[str, Any]) -> AsyncGenerator[list[tuple[bytes, Any]]]:
-        """Yield, per read from Groq, its complete SSE events as (raw event, parsed data).
+        """Yield, per read from Groq, its complete SSE events as (raw event without its blank line, parsed data).
 
         GROQ_TIMEOUT bounds everything up to the first read, GROQ_STREAM_IDLE_TIMEOUT each later one.
         The upstream response is closed however the caller stops, so Groq stops generating.
         """
         body = {**body, "stream": True}
-        deadline = asyncio.get_running_loop().time() + self._timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
         with self._client() as client, _mapped_errors(self._secret):
             async with asyncio.timeout_at(deadline):
                 response = cast(
@@ -119,12 +122,14 @@ class Upstream:
                 reads = response.aiter_bytes()
                 pending, done = b"", False
                 while True:  # read to the end even after [DONE], so the connection goes back to the pool
-                    async with asyncio.timeout_at(deadline) if deadline else asyncio.timeout(self._idle_timeout):
+                    async with asyncio.timeout_at(deadline):
                         data = await anext(reads, None)
-                    deadline = 0.0
+                    deadline = loop.time() + self._idle_timeout
                     if data is None:
                         break
                     events, pending = ([], b"") if done else _split_events(pending + data)
+                    if len(pending) > _MAX_EVENT_BYTES:
+                        raise errors.UpstreamError("Groq sent a stream event too large to relay; try again.")
                     if events:
                         done = events[-1][1] == "[DONE]"
                         yield events
@@ -211,12 +216,10 @@ def _result(data: dict[str, Any]) -> ChatResult:
 
 
 def _usage(usage: object) -> dict[str, int] | None:
-    if not isinstance(usage, dict):
-        return None
-    counts = {k: usage.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in counts.values()):
-        return None
-    return counts  # type: ignore[return-value]
+    """Groq's three token counts, or None rather than invented numbers when they are missing."""
+    counts = {k: usage.get(k) for k in _TOKEN_COUNTS} if isinstance(usage, dict) else {}
+    valid = counts and all(isinstance(v, int) and not isinstance(v, bool) for v in counts.values())
+    return counts if valid else None  # type: ignore[return-value]
 
 
 @contextlib.contextmanager
@@ -241,13 +244,10 @@ def _status_error(status: int, body: object, headers: httpx.Headers, secret: str
     if status in (400, 404, 413, 422):
         return errors.UpstreamRejected(groq_message or f"Groq rejected the request (HTTP {status}).", status=status)
     if status in (401, 403):
-        return errors.UpstreamAuth(
-            f"Groq refused the service's credentials (HTTP {status}); the operator must check GROQ_API_KEY."
-        )
+        return errors.UpstreamAuth(f"Groq refused the service's key (HTTP {status}); the operator must check it.")
     if status == 429:
-        return errors.RateLimited(
-            groq_message or "Groq's rate limit was reached; retry later.", retry_after=_retry_after(headers)
-        )
+        message = groq_message or "Groq's rate limit was reached; retry later."
+        return errors.RateLimited(message, retry_after=_retry_after(headers))
     return errors.UpstreamError(f"Groq answered HTTP {status}; try again later.")
 
 

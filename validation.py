@@ -97,12 +97,14 @@ Validator = Callable[[Checker, Any, str], object]
 def _shape(spec: dict[str, Validator], required: str = "") -> Validator:
     """An object with only the keys of `spec`, each checked by its validator; `required` lists some."""
 
+    known, required_names = frozenset(spec), required.split()
+
     def check_shape(check: Checker, value: Any, field: str) -> None:
         if not isinstance(value, dict):
             check.fail(field, f"must be an object (got {_kind(value)})")
             return
-        check.unknown_fields(value, frozenset(spec), prefix=f"{field}.")
-        for name in required.split():
+        check.unknown_fields(value, known, prefix=f"{field}.")
+        for name in required_names:
             if name not in value:
                 check.fail(f"{field}.{name}", "is required")
         for name, item in value.items():
@@ -179,7 +181,9 @@ GENERATION_PARAMS: dict[str, Validator] = {
 }
 # /chat: plain messages, a role of three and non-empty text, nothing else.
 _CHAT_FIELDS = frozenset({"prompt", "system_prompt", "messages", "model", "stream", *GENERATION_PARAMS})
-_CHAT_MESSAGE = _shape({"role": _literal("system user assistant"), "content": Checker.text}, "role content")
+_CHAT_MESSAGES = _list_of(
+    _shape({"role": _literal("system user assistant"), "content": Checker.text}, "role content"), 1, 2048
+)
 
 # The SDK routes: OpenAI-format messages and the parameters Groq documents.
 _TEXT_PART = _shape({"type": _literal("text"), "text": _string}, "type text")
@@ -234,6 +238,7 @@ OPENAI_PARAMS: dict[str, Validator] = {
     "user": _string,
     "n": lambda c, v, f: c.integer(v, f, 1, 1),
 }
+_OPENAI_FIELDS = frozenset(OPENAI_PARAMS)
 
 
 def parse_chat(body: dict[str, Any], *, allowed_models: tuple[str, ...] = ()) -> ChatRequest:
@@ -248,7 +253,7 @@ def parse_chat(body: dict[str, Any], *, allowed_models: tuple[str, ...] = ()) ->
         if prompt := check.text(body["prompt"], "prompt"):
             messages.append({"role": "user", "content": prompt})
     else:
-        _list_of(_CHAT_MESSAGE, 1, 2048)(check, body["messages"], "messages")
+        _CHAT_MESSAGES(check, body["messages"], "messages")
         messages += body["messages"] if isinstance(body["messages"], list) else []
     if "model" in body:
         check.model(body["model"])
@@ -263,7 +268,7 @@ def parse_chat(body: dict[str, Any], *, allowed_models: tuple[str, ...] = ()) ->
 
 def parse_completion(body: dict[str, Any], *, allowed_models: tuple[str, ...] = ()) -> CompletionRequest:
     check = Checker(allowed_models)
-    check.unknown_fields(body, frozenset(OPENAI_PARAMS))
+    check.unknown_fields(body, _OPENAI_FIELDS)
     for name in ("model", "messages"):
         if body.get(name) is None:
             check.fail(name, "is required")
