@@ -236,15 +236,20 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return await _service_error(request, error)
 
 
-@functools.cache
-def _app_from_environment() -> Starlette:
-    """`app:app` for `python -m uvicorn` and for each worker: settings and logging set up on first use."""
+def configure_from_environment() -> tuple[Settings, dict[str, Any]]:
+    """Read the settings and set up logging once at start-up; an invalid value ends the process with one line."""
     try:
         settings = load_settings()
     except SettingsError as exc:
-        raise SystemExit(f"configuration error: {exc}") from None
-    logging_config.configure(level=settings.log_level, fmt=settings.log_format, secrets=settings.secrets())
-    return create_app(settings)
+        raise SystemExit(logging_config.fatal_line(f"configuration error: {exc}", fmt=exc.log_format)) from None
+    log_config = logging_config.configure(level=settings.log_level, fmt=settings.log_format, secrets=settings.secrets())
+    return settings, log_config
+
+
+@functools.cache
+def _app_from_environment() -> Starlette:
+    """`app:app` for `python -m uvicorn` and for each worker: settings and logging set up on first use."""
+    return create_app(configure_from_environment()[0])
 
 
 def __getattr__(name: str) -> Any:

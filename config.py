@@ -17,6 +17,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 class SettingsError(ValueError):
     """A variable holds a value the service cannot run with; the message names it and what it accepts."""
 
+    log_format = "json"  # how to report it: the LOG_FORMAT that was asked for, if that much was valid
+
 
 @dataclass(frozen=True, slots=True)
 class Settings:
@@ -50,6 +52,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Settings from `environ` (default: `.env` overlaid by the real environment, which wins)."""
     if environ is None:
         environ = {**{k: v for k, v in dotenv_values(".env").items() if v is not None}, **os.environ}
+    try:
+        return _parse(environ)
+    except SettingsError as exc:
+        exc.log_format = "text" if environ.get("LOG_FORMAT", "").strip().lower() == "text" else "json"
+        raise
+
+
+def _parse(environ: Mapping[str, str]) -> Settings:
     env = _Reader(environ)
     default = Settings()
     settings = Settings(

@@ -88,3 +88,9 @@ def configure(
     logging.config.dictConfig(config)
     logging.captureWarnings(True)
     return config
+
+
+def fatal_line(message: str, *, fmt: str) -> str:
+    """One CRITICAL line in the requested format, for failures before logging could be configured."""
+    record = logging.LogRecord("service", logging.CRITICAL, __file__, 0, message, None, None)
+    return _Formatter(as_json=fmt == "json").format(record)

@@ -15,7 +15,6 @@ import contextlib
 import logging
 import math
 import signal
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from http import HTTPStatus
@@ -25,9 +24,8 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-import logging_config
-from app import create_app
-from config import Settings, SettingsError, load_settings
+from app import configure_from_environment, create_app
+from config import Settings
 from errors import HeadersTooLarge, InvalidRequest, ServiceError
 
 _MAX_HEAD_BYTES = 32 * 1024
@@ -130,19 +128,12 @@ def uvicorn_config(settings: Settings, app: Any, log_config: dict[str, Any] | No
 
 
 def main() -> None:
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        sys.exit(f"configuration error: {exc}")
-    log_config = logging_config.configure(level=settings.log_level, fmt=settings.log_format, secrets=settings.secrets())
+    settings, log_config = configure_from_environment()
     app = create_app(settings)
     config = uvicorn_config(settings, app if settings.workers == 1 else "app:app", log_config)
-    server = _Server(config, on_exit=lambda: setattr(app.state.service, "draining", True))
     if settings.workers > 1:
         from uvicorn.supervisors import Multiprocess  # imported only when used: it costs ~2 MB
 
         Multiprocess(config, sockets=[config.bind_socket()]).run()
     else:
-        server.run()
-    if not server.started and settings.workers == 1:
-        sys.exit(3)
+        _Server(config, on_exit=lambda: setattr(app.state.service, "draining", True)).run()

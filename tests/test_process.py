@@ -73,8 +73,19 @@ def test_invalid_configuration_stops_with_one_clear_line(name: str, value: str, 
     proc._reader.join(5)
     assert code != 0
     assert len(proc.lines) == 1, proc.lines
-    assert proc.lines[0].startswith(f"configuration error: {name}")
+    line = json.loads(proc.lines[0])  # JSON like every other line, LOG_FORMAT being json by default
+    assert line["level"] == "CRITICAL" and line["msg"].startswith(f"configuration error: {name} ")
     assert "gsk_x" not in proc.lines[0]
+
+
+def test_invalid_configuration_in_text_mode_is_one_text_line(start_process: Any) -> None:
+    proc = start_process({"GROQ_API_KEY": "gsk_x", "LOG_FORMAT": "text", "GROQ_TIMEOUT": "-1"}, wait=False)
+    assert proc.proc.wait(30) != 0
+    proc._reader.join(5)
+    [line] = proc.lines
+    assert re.fullmatch(
+        r"\S+Z CRITICAL service configuration error: GROQ_TIMEOUT must be a number of seconds > 0 .*", line
+    )
 
 
 def test_dotenv_is_loaded_and_real_environment_wins(fake: FakeGroq, start_process: Any, tmp_path: Path) -> None:
