@@ -4,8 +4,7 @@ ServiceError                      500 internal_error (fixed message; the cause i
 ├── InvalidJSON / InvalidRequest  400 invalid_json / invalid_request (not HTTP/1.1 at all)
 ├── Unauthorized                  401 unauthorized
 ├── NotFound / MethodNotAllowed   404 not_found / 405 method_not_allowed
-├── RequestTimeout                408 request_timeout
-├── PayloadTooLarge               413 payload_too_large
+├── RequestTimeout / PayloadTooLarge  408 request_timeout / 413 payload_too_large
 ├── UnsupportedMediaType          415 unsupported_media_type
 ├── ValidationError               422 validation_error (with details)
 ├── HeadersTooLarge               431 headers_too_large

@@ -21,7 +21,8 @@ from errors import ServiceError
 from llm import ChatResult
 from middleware import elapsed_ms
 
-_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# Set here, not as media_type, so Starlette adds no charset: SSE is always UTF-8.
+_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 Encoder = Callable[[Any], bytes]
 
 
@@ -42,7 +43,7 @@ async def start(
         raise
     fields["upstream_ms"] = elapsed_ms(started)
     events = _relay(first, pieces, encode, error_event, fields, release)
-    return _EventStream(events, headers=_HEADERS, media_type="text/event-stream")
+    return _EventStream(events, headers=_HEADERS)
 
 
 async def _relay(
