@@ -190,7 +190,7 @@ class Service:
             raise errors.UnsupportedMediaType("Send the body as JSON with Content-Type: application/json.")
         limit = self.settings.max_body_bytes
         length = request.headers.get("content-length")
-        size = limit + 1 if length is not None and int(length) > limit else 0  # then refused unread
+        size = limit + 1 if length and length.isdigit() and int(length) > limit else 0  # then refused unread
         chunks: list[bytes] = []
         if size <= limit:
             try:

@@ -9,12 +9,15 @@ the message, model, parameter and allowlist checks.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from config import MODEL_PATTERN
 from errors import ValidationError
+
+_SURROGATE = re.compile("[\ud800-\udfff]")  # text holding one cannot be sent upstream as UTF-8
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +59,7 @@ class Checker:
     def text(self, value: object, field: str) -> str | None:
         if not isinstance(value, str) or not value:
             self.fail(field, f"must be a non-empty string (got {_kind(value)})")
-        elif not (value.isascii() or _encodable(value)):
+        elif not value.isascii() and _SURROGATE.search(value):
             self.fail(field, "must be valid Unicode text (it holds a lone surrogate)")
         else:
             return value
@@ -160,7 +163,7 @@ def _json_value(check: Checker, value: Any, field: str) -> None:
                 _json_value(check, part, field)
     elif isinstance(value, float) and not math.isfinite(value):
         check.fail(field, "must not hold NaN or Infinity")
-    elif isinstance(value, str) and not (value.isascii() or _encodable(value)):
+    elif isinstance(value, str) and not value.isascii() and _SURROGATE.search(value):
         check.fail(field, "must be valid Unicode text (it holds a lone surrogate)")
 
 
@@ -267,6 +270,9 @@ def parse_chat(body: dict[str, Any], *, allowed_models: tuple[str, ...] = ()) ->
 
 
 def parse_completion(body: dict[str, Any], *, allowed_models: tuple[str, ...] = ()) -> CompletionRequest:
+    echoed = body.get("messages")  # a message echoed back from a response keeps its nulls: they mean "not set"
+    if isinstance(echoed, list) and all(isinstance(m, dict) for m in echoed):
+        body = {**body, "messages": [{k: v for k, v in m.items() if v is not None or k == "content"} for m in echoed]}
     check = Checker(allowed_models)
     check.unknown_fields(body, _OPENAI_FIELDS)
     for name in ("model", "messages"):
@@ -278,14 +284,6 @@ def parse_completion(body: dict[str, Any], *, allowed_models: tuple[str, ...] = 
     check.raise_if_any()
     forwarded = {name: value for name, value in body.items() if value is not None}
     return CompletionRequest(forwarded, body["model"], body.get("stream") is True)
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _kind(value: object) -> str:

@@ -41,6 +41,7 @@ class Behaviour:
     usage: bool = True
     finish_reason: str = "stop"
     tool_call: dict[str, Any] | None = None  # {"name": ..., "arguments": "..."}: answer with a tool call
+    message_extra: dict[str, Any] = field(default_factory=dict)  # more fields in the answer's message
 
     def pieces(self) -> list[str]:
         if self.chunks is not None:
@@ -242,6 +243,7 @@ def _completion(body: dict[str, Any], b: Behaviour) -> dict[str, Any]:
             "tool_calls": [{"id": "call_fake1", "type": "function", "function": dict(b.tool_call)}],
         }
         finish = "tool_calls"
+    message.update(b.message_extra)
     out: dict[str, Any] = {
         "id": f"chatcmpl-{uuid.uuid4()}",
         "object": "chat.completion",

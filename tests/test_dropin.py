@@ -109,6 +109,25 @@ def test_tool_call_round_trip(proxy: Service, fake: FakeGroq) -> None:
     assert sent[1].body["messages"][2] == {"role": "tool", "tool_call_id": "call_fake1", "content": '{"temp_c": 4}'}
 
 
+@pytest.mark.parametrize("sdk", ["groq", "openai"])
+def test_echoing_the_response_message_back_works(proxy: Service, fake: FakeGroq, sdk: str) -> None:
+    """The usual loop appends the response's message object itself, with the nulls Groq sent in it."""
+    fake.behaviours["tools/model"] = Behaviour(
+        tool_call={"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+        message_extra={"function_call": None, "executed_tools": None, "reasoning": None},
+    )
+    client: Any = groq_client(proxy) if sdk == "groq" else openai_client(proxy)
+    with client:
+        first = client.chat.completions.create(messages=MESSAGES, model="tools/model", tools=[WEATHER_TOOL])
+        message = first.choices[0].message
+        follow_up = [*MESSAGES, message, {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "4"}]
+        second = client.chat.completions.create(messages=follow_up, model="m", tools=[WEATHER_TOOL])
+    assert second.choices[0].message.content == "Hello from the fake Groq server."
+    echoed = fake.chat_requests()[1].body["messages"][1]
+    assert echoed["role"] == "assistant" and echoed["tool_calls"][0]["id"] == "call_fake1"
+    assert all(value is not None for key, value in echoed.items() if key != "content")
+
+
 def test_streamed_tool_call(proxy: Service, fake: FakeGroq) -> None:
     fake.default = Behaviour(tool_call={"name": "get_weather", "arguments": '{"city": "Oslo"}'})
     with groq_client(proxy) as client:
