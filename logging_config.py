@@ -26,7 +26,8 @@ class _Formatter(logging.Formatter):
     def __init__(self, *, as_json: bool, secrets: tuple[str, ...] = ()) -> None:
         super().__init__()
         self._as_json = as_json
-        self._secrets = tuple(s for s in secrets if s)
+        # As written and as JSON escapes it, so a secret holding a quote or non-ASCII is masked too.
+        self._secrets = tuple({form for s in secrets if s for form in (s, json.dumps(s)[1:-1])})
 
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] = {

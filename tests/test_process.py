@@ -134,11 +134,14 @@ def test_python_warnings_go_through_logging_as_json() -> None:
 @pytest.mark.parametrize("fmt", ["json", "text"])
 def test_control_characters_never_split_a_log_line(fmt: str) -> None:
     stream = io.StringIO()
-    logging_config.configure(level="INFO", fmt=fmt, stream=stream, secrets=("s3cret",))
-    logging.getLogger("service").info("x\r\ny", extra={"fields": {"path": "/a\nb\x1b[31m\u2028", "k": "s3cret"}})
+    odd = 'q"uot\u00e9'  # a secret JSON writes differently from its raw form
+    logging_config.configure(level="INFO", fmt=fmt, stream=stream, secrets=("s3cret", odd))
+    fields = {"path": "/a\nb\x1b[31m\u2028", "k": "s3cret", "odd": odd}
+    logging.getLogger("service").info("x\r\ny", extra={"fields": fields})
     output = stream.getvalue()
     assert output.count("\n") == 1 and "\r" not in output and "\x1b" not in output and "\u2028" not in output
-    assert "s3cret" not in output and "[redacted]" in output
+    assert "s3cret" not in output and output.count("[redacted]") == 2
+    assert "uot" not in output
     logging.captureWarnings(False)
 
 
