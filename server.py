@@ -129,11 +129,12 @@ def uvicorn_config(settings: Settings, app: Any, log_config: dict[str, Any] | No
 
 def main() -> None:
     settings, log_config = configure_from_environment()
-    app = create_app(settings)
-    config = uvicorn_config(settings, app if settings.workers == 1 else "app:app", log_config)
-    if settings.workers > 1:
+    if settings.workers > 1:  # each worker builds its own app from "app:app"
         from uvicorn.supervisors import Multiprocess  # imported only when used: it costs ~2 MB
 
+        config = uvicorn_config(settings, "app:app", log_config)
         Multiprocess(config, sockets=[config.bind_socket()]).run()
     else:
+        app = create_app(settings)
+        config = uvicorn_config(settings, app, log_config)
         _Server(config, on_exit=lambda: setattr(app.state.service, "draining", True)).run()

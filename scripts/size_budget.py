@@ -10,7 +10,7 @@ MODULE_BUDGET = 300
 # Raised from 1,000, which was set for the first contract (/, /healthz, /readyz, /chat). The service since
 # streams (SSE relay, idle deadline, cancellation), is hardened (client tokens, body and head limits, slow
 # clients, overload, graceful shutdown) and serves the groq/openai SDK routes with a strict allowlist:
-# 1,649 lines in 9 modules, none over 300. Raise it again only with the change that needs it.
+# 1,650 lines in 9 modules, none over 300. Raise it again only with the change that needs it.
 TOTAL_BUDGET = 1650
 ROOT = Path(__file__).resolve().parent.parent
 
