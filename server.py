@@ -4,8 +4,8 @@
    only times out idle keep-alive connections. And h11 only bounds a head that arrives in pieces.
    `_GuardedProtocol` closes a connection that has not delivered a complete head within
    CLIENT_TIMEOUT, answers 431 to a head over 32 KiB or 100 lines, and answers malformed HTTP with our envelope.
-2. After a graceful shutdown on SIGTERM, uvicorn re-raises the signal to itself, so the process
-   would exit 143; `_Server` does not, so a clean drain exits 0.
+2. After a graceful shutdown on SIGTERM, uvicorn re-raises the signal to itself (exit 143); `_Server`
+   exits 0 instead, and ignores a repeated SIGTERM while the interpreter winds down after the drain.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class _Server(uvicorn.Server):
             yield
         finally:
             for sig, handler in original.items():
-                signal.signal(sig, handler)
+                signal.signal(sig, signal.SIG_IGN if self.should_exit else handler)
 
 
 def uvicorn_config(settings: Settings, app: Any, log_config: dict[str, Any] | None) -> uvicorn.Config:

@@ -156,12 +156,15 @@ class Process:
         pids = children.read_text().split() if self.shell and children.exists() else []
         os.kill(int(pids[0]) if pids else self.proc.pid, sig)
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.send_signal(sig)
+    def wait(self, timeout: float = 30) -> int:
         code = self.proc.wait(timeout)
         self._reader.join(5)
         return code
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.send_signal(sig)
+        return self.wait(timeout)
 
     def json_lines(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.lines]
