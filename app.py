@@ -18,7 +18,6 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -28,7 +27,7 @@ import logging_config
 import streaming
 from config import Settings, SettingsError, load_settings
 from llm import Upstream
-from middleware import LOG_FIELDS, Authorize, RequestLog, elapsed_ms, error_response
+from middleware import LOG_FIELDS, Authorize, Cors, RequestLog, elapsed_ms, error_response
 from validation import parse_chat, parse_completion
 
 logger = logging.getLogger("service")
@@ -49,7 +48,7 @@ def create_app(settings: Settings) -> Starlette:
     ]
     cors = [
         Middleware(
-            CORSMiddleware,
+            Cors,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],

@@ -1,7 +1,7 @@
 """Pure ASGI middleware: the request id and the one access line per request, and who may call.
 
 Stack, outermost first (declared in app.py): Starlette's ServerErrorMiddleware -> RequestLog ->
-CORSMiddleware (only when CORS_ORIGINS is set) -> Authorize -> Starlette's ExceptionMiddleware -> router.
+Cors (only when CORS_ORIGINS is set) -> Authorize -> Starlette's ExceptionMiddleware -> router.
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ import time
 import uuid
 from typing import Any
 
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import logging_config
-from errors import ServiceError, Unauthorized
+from errors import InvalidRequest, ServiceError, Unauthorized
 
 logger = logging.getLogger("service")
 LOG_FIELDS = "service.log_fields"  # scope key: the dict that becomes the request's access line
@@ -128,6 +130,18 @@ def _is_loopback(client: tuple[str, int] | None) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         address = address.ipv4_mapped
     return address is not None and address.is_loopback
+
+
+class Cors(CORSMiddleware):
+    """Starlette's CORS, with a refused preflight answered in the envelope instead of plain text."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code == 400:
+            refused = bytes(response.body).decode().removeprefix("Disallowed CORS ")
+            error = InvalidRequest(f"This cross-origin request is not allowed ({refused}); see CORS_ORIGINS.")
+            response = Response(error.body(logging_config.REQUEST_ID.get() or ""), 400, media_type="application/json")
+        return response
 
 
 def error_response(error: ServiceError, scope: Scope) -> Response:

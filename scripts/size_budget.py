@@ -10,8 +10,9 @@ MODULE_BUDGET = 300
 # Raised from 1,000, which was set for the first contract (/, /healthz, /readyz, /chat). The service since
 # streams (SSE relay, idle deadline, cancellation), is hardened (client tokens, body and head limits, slow
 # clients, overload, graceful shutdown) and serves the groq/openai SDK routes with a strict allowlist:
-# 1,650 lines in 9 modules, none over 300. Raise it again only with the change that needs it.
-TOTAL_BUDGET = 1650
+# 1,650 lines in 9 modules, none over 300. Then 1,665: a refused CORS preflight answers in the envelope
+# (a Starlette subclass, 11 lines) instead of plain text. Raise it again only with the change that needs it.
+TOTAL_BUDGET = 1665
 ROOT = Path(__file__).resolve().parent.parent
 
 counts = {path.name: len(path.read_text().splitlines()) for path in sorted(ROOT.glob("*.py"))}

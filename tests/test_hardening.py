@@ -305,6 +305,12 @@ def test_cors_allows_only_configured_origins(fake: FakeGroq, start_service: Any)
     assert foreign.status_code == 200 and "access-control-allow-origin" not in foreign.headers
     foreign_preflight = service.client.options("/chat", headers={**preflight, "origin": "https://evil.example"})
     assert "access-control-allow-origin" not in foreign_preflight.headers
+    assert foreign_preflight.status_code == 400
+    error = foreign_preflight.json()["error"]
+    assert error["type"] == "invalid_request" and "origin" in error["message"] and "evil" not in error["message"]
+    assert error["request_id"] == foreign_preflight.headers["x-request-id"]
+    wrong_method = service.client.options("/chat", headers={**preflight, "access-control-request-method": "DELETE"})
+    assert wrong_method.status_code == 400 and "method" in wrong_method.json()["error"]["message"]
 
 
 def test_cors_wildcard_never_allows_credentials(fake: FakeGroq, start_service: Any) -> None:
