@@ -158,13 +158,12 @@ def _string(check: Checker, value: Any, field: str) -> None:
 def _json_value(check: Checker, value: Any, field: str) -> None:
     """Free-form JSON (a schema, tool parameters): only what Groq could receive as JSON text."""
     if isinstance(value, dict | list):
-        for item in [*value.items()] if isinstance(value, dict) else value:
-            for part in item if isinstance(value, dict) else (item,):
-                _json_value(check, part, field)
+        for part in [*value, *value.values()] if isinstance(value, dict) else value:
+            _json_value(check, part, field)
     elif isinstance(value, float) and not math.isfinite(value):
         check.fail(field, "must not hold NaN or Infinity")
-    elif isinstance(value, str) and not value.isascii() and _SURROGATE.search(value):
-        check.fail(field, "must be valid Unicode text (it holds a lone surrogate)")
+    elif isinstance(value, str):
+        _string(check, value, field)
 
 
 def _message(check: Checker, value: Any, field: str) -> None:

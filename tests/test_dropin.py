@@ -292,6 +292,14 @@ INVALID_BODIES = [
         {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"x": float("nan")}}}]},
         "tools[0].function.parameters",
     ),
+    (
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"d": ["\ud800"]}}}},
+        "response_format.json_schema.schema",
+    ),
+    (
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"\udfff": 1}}}]},
+        "tools[0].function.parameters",
+    ),
     ({"tool_choice": "sometimes"}, "tool_choice"),
     ({"response_format": {"type": "xml"}}, "response_format.type"),
     ({"reasoning_effort": "max"}, "reasoning_effort"),
