@@ -28,7 +28,8 @@ import streaming
 from config import Settings, SettingsError, load_settings
 from llm import Upstream
 from middleware import LOG_FIELDS, Authorize, Cors, RequestLog, elapsed_ms, error_response
-from validation import parse_chat, parse_completion
+from sdk_validation import parse_completion
+from validation import parse_chat
 
 logger = logging.getLogger("service")
 _JSON = "application/json"

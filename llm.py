@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import math
 import ssl
 from collections.abc import AsyncGenerator, Iterator
-from dataclasses import dataclass
 from typing import Any, cast
 
 import anyio
@@ -21,24 +18,17 @@ import groq
 import httpx
 
 import errors
+import groq_wire
 from config import Settings, load_settings
+from groq_wire import ChatResult
 from validation import parse_chat
 
 CHAT_PATH = "/openai/v1/chat/completions"
 MODELS_PATH = "/openai/v1/models"
 _INCLUDE_USAGE = {"include_usage": True}
-_TOKEN_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
 _POOL_SIZE = 8
 _MAX_EVENT_BYTES = 4 * 1024 * 1024  # one SSE event; a stream never needs to buffer more
 Messages = list[dict[str, str]]
-
-
-@dataclass(frozen=True, slots=True)
-class ChatResult:
-    content: str
-    model: str
-    usage: dict[str, int] | None
-    finish_reason: str | None
 
 
 class Upstream:
@@ -87,17 +77,17 @@ class Upstream:
     async def complete(self, body: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
         """POST a chat completion; returns Groq's raw body and its parsed form."""
         raw = await self._call(CHAT_PATH, body)
-        return raw, _json_object(raw)
+        return raw, groq_wire.json_object(raw)
 
     async def chat(self, messages: Messages, model: str, params: dict[str, Any]) -> ChatResult:
         _, data = await self.complete({"messages": messages, "model": model, **params})
-        return _result(data)
+        return groq_wire.result(data)
 
     async def models(self) -> dict[str, Any]:
-        return _json_object(await self._call(MODELS_PATH, None))
+        return groq_wire.json_object(await self._call(MODELS_PATH, None))
 
     async def _call(self, path: str, body: dict[str, Any] | None) -> bytes:
-        with _mapped_errors(self._secret), self._client() as client:
+        with groq_wire.mapped_errors(self._secret), self._client() as client:
             async with asyncio.timeout(self._timeout):
                 if body is None:
                     return (await client.get(path, cast_to=httpx.Response)).content
@@ -112,7 +102,7 @@ class Upstream:
         body = {**body, "stream": True}
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
-        with self._client() as client, _mapped_errors(self._secret):
+        with self._client() as client, groq_wire.mapped_errors(self._secret):
             async with asyncio.timeout_at(deadline):
                 response = cast(
                     httpx.Response,
@@ -129,7 +119,7 @@ class Upstream:
                     deadline = loop.time() + self._idle_timeout
                     if data is None:
                         break
-                    events, pending = ([], b"") if done else _split_events(pending + data)
+                    events, pending = ([], b"") if done else groq_wire.split_events(pending + data)
                     if len(pending) > _MAX_EVENT_BYTES:
                         raise errors.UpstreamError("Groq sent a stream event too large to relay; try again.")
                     if events:
@@ -162,103 +152,7 @@ class Upstream:
                         finish_reason = choice.get("finish_reason") or finish_reason
                 if deltas:
                     yield deltas
-        yield ChatResult("", str(final["model"]), _usage(final.get("usage")), finish_reason)
-
-
-def _split_events(buffer: bytes) -> tuple[list[tuple[bytes, Any]], bytes]:
-    """Complete SSE events in `buffer` as (raw event without its blank line, parsed data), and the rest."""
-    if b"\r" in buffer:
-        buffer = buffer.replace(b"\r\n", b"\n")
-    *blocks, rest = buffer.split(b"\n\n")
-    events: list[tuple[bytes, Any]] = []
-    for block in blocks:
-        if block.startswith(b"data: ") and b"\n" not in block:  # Groq's usual one-line event
-            data, error_event = block[6:], False
-        else:
-            lines = block.split(b"\n")
-            data = b"\n".join(ln[5:].lstrip(b" ") for ln in lines if ln.startswith(b"data:"))
-            error_event = any(ln.replace(b" ", b"") == b"event:error" for ln in lines)
-        if data == b"[DONE]":
-            events.append((block, "[DONE]"))
-        elif data:
-            try:
-                parsed = json.loads(data)
-            except ValueError as exc:
-                raise errors.UpstreamError("Groq sent a stream event that is not JSON; try again.") from exc
-            if error_event or not isinstance(parsed, dict) or parsed.get("error"):
-                error = parsed.get("error") if isinstance(parsed, dict) else None
-                message = error.get("message") if isinstance(error, dict) else error
-                detail = f": {message[:500]}" if isinstance(message, str) and message else ""
-                raise errors.UpstreamError(f"Groq reported an error during the stream{detail}")
-            events.append((block, parsed))
-    return events, rest
-
-
-def _json_object(raw: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        data = None
-    if not isinstance(data, dict):
-        raise errors.UpstreamError("Groq sent a body that is not a JSON object; try again.")
-    return data
-
-
-def _result(data: dict[str, Any]) -> ChatResult:
-    try:
-        choice = data["choices"][0]
-        content = choice["message"].get("content") or ""
-        model = data["model"]
-        finish_reason = choice.get("finish_reason")
-        if not (isinstance(content, str) and isinstance(model, str)):
-            raise TypeError
-    except (KeyError, IndexError, TypeError, AttributeError) as exc:
-        raise errors.UpstreamError("Groq sent a body that is not a valid chat completion; try again.") from exc
-    return ChatResult(content, model, _usage(data.get("usage")), finish_reason)
-
-
-def _usage(usage: object) -> dict[str, int] | None:
-    """Groq's three token counts, or None rather than invented numbers when they are missing."""
-    counts = {k: usage.get(k) for k in _TOKEN_COUNTS} if isinstance(usage, dict) else {}
-    valid = counts and all(isinstance(v, int) and not isinstance(v, bool) for v in counts.values())
-    return counts if valid else None  # type: ignore[return-value]
-
-
-@contextlib.contextmanager
-def _mapped_errors(secret: str) -> Iterator[None]:
-    """The one place where the SDK's and httpx's exceptions become ours."""
-    try:
-        yield
-    except (TimeoutError, groq.APITimeoutError, httpx.TimeoutException) as exc:
-        raise errors.UpstreamTimeout("Groq did not answer in time; try again or raise GROQ_TIMEOUT.") from exc
-    except groq.APIStatusError as exc:
-        raise _status_error(exc.status_code, exc.body, exc.response.headers, secret) from exc
-    except groq.APIConnectionError as exc:
-        raise errors.UpstreamUnreachable("Groq could not be reached; check the network or GROQ_BASE_URL.") from exc
-    except httpx.TransportError as exc:
-        raise errors.UpstreamError("Groq closed the connection before the answer was complete; try again.") from exc
-
-
-def _status_error(status: int, body: object, headers: httpx.Headers, secret: str) -> errors.ServiceError:
-    error = body.get("error") if isinstance(body, dict) else None
-    message = error.get("message") if isinstance(error, dict) else None
-    groq_message = message[:1000].replace(secret, "[redacted]") if isinstance(message, str) and message else None
-    if status in (400, 404, 413, 422):
-        return errors.UpstreamRejected(groq_message or f"Groq rejected the request (HTTP {status}).", status=status)
-    if status in (401, 403):
-        return errors.UpstreamAuth(f"Groq refused the service's key (HTTP {status}); the operator must check it.")
-    if status == 429:
-        message = groq_message or "Groq's rate limit was reached; retry later."
-        return errors.RateLimited(message, retry_after=_retry_after(headers))
-    return errors.UpstreamError(f"Groq answered HTTP {status}; try again later.")
-
-
-def _retry_after(headers: httpx.Headers) -> str | None:
-    try:
-        seconds = float(headers.get("retry-after", ""))
-    except ValueError:
-        return None
-    return str(max(0, math.ceil(seconds))) if math.isfinite(seconds) else None
+        yield ChatResult("", str(final["model"]), groq_wire.usage(final.get("usage")), finish_reason)
 
 
 def chat_completion(messages: Messages, model: str | None = None, **params: Any) -> ChatResult:

@@ -18,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 import logging_config
 from errors import ServiceError
-from llm import ChatResult
+from groq_wire import ChatResult
 from middleware import elapsed_ms
 
 # Set here, not as media_type, so Starlette adds no charset: SSE is always UTF-8.

@@ -28,13 +28,6 @@ class ChatRequest:
     stream: bool
 
 
-@dataclass(frozen=True, slots=True)
-class CompletionRequest:
-    body: dict[str, Any]  # what Groq receives: the client's fields, without nulls
-    model: str
-    stream: bool
-
-
 class Checker:
     """Collects field errors; `raise_if_any` turns them into one 422 naming every field."""
 
@@ -58,7 +51,7 @@ class Checker:
 
     def text(self, value: object, field: str) -> str | None:
         if not isinstance(value, str) or not value:
-            self.fail(field, f"must be a non-empty string (got {_kind(value)})")
+            self.fail(field, f"must be a non-empty string (got {kind(value)})")
         elif not value.isascii() and _SURROGATE.search(value):
             self.fail(field, "must be valid Unicode text (it holds a lone surrogate)")
         else:
@@ -68,15 +61,15 @@ class Checker:
     def number(self, value: object, field: str, low: float, high: float) -> None:
         ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
         if not ok or not low <= value <= high:  # type: ignore[operator]
-            self.fail(field, f"must be a finite number from {low:g} to {high:g} (got {_kind(value)})")
+            self.fail(field, f"must be a finite number from {low:g} to {high:g} (got {kind(value)})")
 
     def integer(self, value: object, field: str, low: int, high: int) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            self.fail(field, f"must be a whole number from {low} to {high} (got {_kind(value)})")
+            self.fail(field, f"must be a whole number from {low} to {high} (got {kind(value)})")
 
     def boolean(self, value: object, field: str) -> None:
         if not isinstance(value, bool):
-            self.fail(field, f"must be true or false (got {_kind(value)})")
+            self.fail(field, f"must be true or false (got {kind(value)})")
 
     def stop(self, value: object, field: str) -> None:
         if isinstance(value, list) and 1 <= len(value) <= 4:
@@ -85,11 +78,11 @@ class Checker:
         elif isinstance(value, str):
             self.text(value, field)
         else:
-            self.fail(field, f"must be a string or a list of 1 to 4 strings (got {_kind(value)})")
+            self.fail(field, f"must be a string or a list of 1 to 4 strings (got {kind(value)})")
 
     def model(self, value: object, field: str = "model") -> None:
         if not isinstance(value, str) or not MODEL_PATTERN.fullmatch(value):
-            self.fail(field, f"must be 1-128 characters of A-Z a-z 0-9 . _ : / - (got {_kind(value)})")
+            self.fail(field, f"must be 1-128 characters of A-Z a-z 0-9 . _ : / - (got {kind(value)})")
         elif self._allowed_models and value not in self._allowed_models:
             self.fail(field, f"must be one of the allowed models: {', '.join(self._allowed_models)}")
 
@@ -97,14 +90,14 @@ class Checker:
 Validator = Callable[[Checker, Any, str], object]
 
 
-def _shape(spec: dict[str, Validator], required: str = "") -> Validator:
+def shape(spec: dict[str, Validator], required: str = "") -> Validator:
     """An object with only the keys of `spec`, each checked by its validator; `required` lists some."""
 
     known, required_names = frozenset(spec), required.split()
 
     def check_shape(check: Checker, value: Any, field: str) -> None:
         if not isinstance(value, dict):
-            check.fail(field, f"must be an object (got {_kind(value)})")
+            check.fail(field, f"must be an object (got {kind(value)})")
             return
         check.unknown_fields(value, known, prefix=f"{field}.")
         for name in required_names:
@@ -117,10 +110,10 @@ def _shape(spec: dict[str, Validator], required: str = "") -> Validator:
     return check_shape
 
 
-def _list_of(item: Validator, low: int, high: int) -> Validator:
+def list_of(item: Validator, low: int, high: int) -> Validator:
     def check_list(check: Checker, value: Any, field: str) -> None:
         if not isinstance(value, list) or not low <= len(value) <= high:
-            check.fail(field, f"must be a list of {low} to {high} items (got {_kind(value)})")
+            check.fail(field, f"must be a list of {low} to {high} items (got {kind(value)})")
             return
         for i, element in enumerate(value):
             item(check, element, f"{field}[{i}]")
@@ -128,7 +121,7 @@ def _list_of(item: Validator, low: int, high: int) -> Validator:
     return check_list
 
 
-def _literal(words: str) -> Validator:
+def literal(words: str) -> Validator:
     allowed = words.split()
 
     def check_literal(check: Checker, value: Any, field: str) -> None:
@@ -138,40 +131,32 @@ def _literal(words: str) -> Validator:
     return check_literal
 
 
-def _either(by_type: dict[type, Validator], expected: str) -> Validator:
+def either(by_type: dict[type, Validator], expected: str) -> Validator:
     def check_either(check: Checker, value: Any, field: str) -> None:
         validator = by_type.get(type(value))
         if validator is None:
-            check.fail(field, f"must be {expected} (got {_kind(value)})")
+            check.fail(field, f"must be {expected} (got {kind(value)})")
         else:
             validator(check, value, field)
 
     return check_either
 
 
-def _string(check: Checker, value: Any, field: str) -> None:
+def string(check: Checker, value: Any, field: str) -> None:
     """Any text, the empty string included."""
     if value != "":
         check.text(value, field)
 
 
-def _json_value(check: Checker, value: Any, field: str) -> None:
+def json_value(check: Checker, value: Any, field: str) -> None:
     """Free-form JSON (a schema, tool parameters): only what Groq could receive as JSON text."""
     if isinstance(value, dict | list):
         for part in [*value, *value.values()] if isinstance(value, dict) else value:
-            _json_value(check, part, field)
+            json_value(check, part, field)
     elif isinstance(value, float) and not math.isfinite(value):
         check.fail(field, "must not hold NaN or Infinity")
     elif isinstance(value, str):
-        _string(check, value, field)
-
-
-def _message(check: Checker, value: Any, field: str) -> None:
-    role = value.get("role") if isinstance(value, dict) else None
-    if role not in _ROLES:
-        check.fail(f"{field}.role", f"must be one of {', '.join(_ROLES)}")
-    else:
-        _ROLES[role](check, value, field)
+        string(check, value, field)
 
 
 GENERATION_PARAMS: dict[str, Validator] = {
@@ -183,64 +168,9 @@ GENERATION_PARAMS: dict[str, Validator] = {
 }
 # /chat: plain messages, a role of three and non-empty text, nothing else.
 _CHAT_FIELDS = frozenset({"prompt", "system_prompt", "messages", "model", "stream", *GENERATION_PARAMS})
-_CHAT_MESSAGES = _list_of(
-    _shape({"role": _literal("system user assistant"), "content": Checker.text}, "role content"), 1, 2048
+_CHAT_MESSAGES = list_of(
+    shape({"role": literal("system user assistant"), "content": Checker.text}, "role content"), 1, 2048
 )
-
-# The SDK routes: OpenAI-format messages and the parameters Groq documents.
-_TEXT_PART = _shape({"type": _literal("text"), "text": _string}, "type text")
-_IMAGE_URL = _shape({"url": Checker.text, "detail": _literal("auto low high")}, "url")
-_IMAGE_PART = _shape({"type": _literal("image_url"), "image_url": _IMAGE_URL}, "type image_url")
-_TEXT_CONTENT = _either({str: _string, list: _list_of(_TEXT_PART, 1, 256)}, "a string or a list of text parts")
-_USER_PART = _either(
-    {dict: lambda c, v, f: (_IMAGE_PART if v.get("type") == "image_url" else _TEXT_PART)(c, v, f)}, "a part"
-)
-_FUNCTION_CALL = _shape({"name": Checker.text, "arguments": _string}, "name arguments")
-_TOOL_CALL = _shape({"id": Checker.text, "type": _literal("function"), "function": _FUNCTION_CALL}, "id type function")
-_ROLES: dict[str, Validator] = {
-    "system": _shape({"role": _string, "content": _TEXT_CONTENT}, "content"),
-    "user": _shape(
-        {"role": _string, "content": _either({str: _string, list: _list_of(_USER_PART, 1, 256)}, "a string or parts")},
-        "content",
-    ),
-    "assistant": _shape(
-        {
-            "role": _string,
-            "content": _either(
-                {str: _string, list: _TEXT_CONTENT, type(None): lambda c, v, f: None}, "a string, text parts or null"
-            ),
-            "tool_calls": _list_of(_TOOL_CALL, 1, 128),
-            "reasoning": _string,
-        }
-    ),
-    "tool": _shape({"role": _string, "content": _TEXT_CONTENT, "tool_call_id": Checker.text}, "content tool_call_id"),
-}
-_FUNCTION = _shape(
-    {"name": Checker.text, "description": _string, "parameters": _json_value, "strict": Checker.boolean}, "name"
-)
-_SCHEMA = _shape(
-    {"name": Checker.text, "description": _string, "schema": _json_value, "strict": Checker.boolean}, "name"
-)
-_FUNCTION_CHOICE = _shape(
-    {"type": _literal("function"), "function": _shape({"name": Checker.text}, "name")}, "type function"
-)
-OPENAI_PARAMS: dict[str, Validator] = {
-    **GENERATION_PARAMS,
-    "model": lambda c, v, f: c.model(v, f),
-    "messages": _list_of(_message, 1, 2048),
-    "max_completion_tokens": GENERATION_PARAMS["max_tokens"],
-    "stream": Checker.boolean,
-    "stream_options": _shape({"include_usage": Checker.boolean}),
-    "response_format": _shape({"type": _literal("text json_object json_schema"), "json_schema": _SCHEMA}, "type"),
-    "tools": _list_of(_shape({"type": _literal("function"), "function": _FUNCTION}, "type function"), 1, 128),
-    "tool_choice": _either({str: _literal("none auto required"), dict: _FUNCTION_CHOICE}, "a choice"),
-    "parallel_tool_calls": Checker.boolean,
-    "reasoning_effort": _literal("none default low medium high"),
-    "reasoning_format": _literal("hidden raw parsed"),
-    "user": _string,
-    "n": lambda c, v, f: c.integer(v, f, 1, 1),
-}
-_OPENAI_FIELDS = frozenset(OPENAI_PARAMS)
 
 
 def parse_chat(body: dict[str, Any], *, allowed_models: tuple[str, ...] = ()) -> ChatRequest:
@@ -268,24 +198,7 @@ def parse_chat(body: dict[str, Any], *, allowed_models: tuple[str, ...] = ()) ->
     return ChatRequest(messages, body.get("model"), params, body.get("stream") is True)
 
 
-def parse_completion(body: dict[str, Any], *, allowed_models: tuple[str, ...] = ()) -> CompletionRequest:
-    echoed = body.get("messages")  # a message echoed back from a response keeps its nulls: they mean "not set"
-    if isinstance(echoed, list) and all(isinstance(m, dict) for m in echoed):
-        body = {**body, "messages": [{k: v for k, v in m.items() if v is not None or k == "content"} for m in echoed]}
-    check = Checker(allowed_models)
-    check.unknown_fields(body, _OPENAI_FIELDS)
-    for name in ("model", "messages"):
-        if body.get(name) is None:
-            check.fail(name, "is required")
-    for name, value in body.items():
-        if name in OPENAI_PARAMS and value is not None:
-            OPENAI_PARAMS[name](check, value, name)
-    check.raise_if_any()
-    forwarded = {name: value for name, value in body.items() if value is not None}
-    return CompletionRequest(forwarded, body["model"], body.get("stream") is True)
-
-
-def _kind(value: object) -> str:
+def kind(value: object) -> str:
     if value is None or isinstance(value, bool):
         return "null" if value is None else "a boolean"
     if isinstance(value, int | float):

@@ -1,0 +1,124 @@
+"""What Groq sends, read defensively: SSE events, completion bodies, token counts, and its errors mapped once.
+
+Nothing here trusts the shape of Groq's JSON; anything unexpected becomes `errors.UpstreamError` (502).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import groq
+import httpx
+
+import errors
+
+_TOKEN_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
+@dataclass(frozen=True, slots=True)
+class ChatResult:
+    content: str
+    model: str
+    usage: dict[str, int] | None
+    finish_reason: str | None
+
+
+def split_events(buffer: bytes) -> tuple[list[tuple[bytes, Any]], bytes]:
+    """Complete SSE events in `buffer` as (raw event without its blank line, parsed data), and the rest."""
+    if b"\r" in buffer:
+        buffer = buffer.replace(b"\r\n", b"\n")
+    *blocks, rest = buffer.split(b"\n\n")
+    events: list[tuple[bytes, Any]] = []
+    for block in blocks:
+        if block.startswith(b"data: ") and b"\n" not in block:  # Groq's usual one-line event
+            data, error_event = block[6:], False
+        else:
+            lines = block.split(b"\n")
+            data = b"\n".join(ln[5:].lstrip(b" ") for ln in lines if ln.startswith(b"data:"))
+            error_event = any(ln.replace(b" ", b"") == b"event:error" for ln in lines)
+        if data == b"[DONE]":
+            events.append((block, "[DONE]"))
+        elif data:
+            try:
+                parsed = json.loads(data)
+            except ValueError as exc:
+                raise errors.UpstreamError("Groq sent a stream event that is not JSON; try again.") from exc
+            if error_event or not isinstance(parsed, dict) or parsed.get("error"):
+                error = parsed.get("error") if isinstance(parsed, dict) else None
+                message = error.get("message") if isinstance(error, dict) else error
+                detail = f": {message[:500]}" if isinstance(message, str) and message else ""
+                raise errors.UpstreamError(f"Groq reported an error during the stream{detail}")
+            events.append((block, parsed))
+    return events, rest
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise errors.UpstreamError("Groq sent a body that is not a JSON object; try again.")
+    return data
+
+
+def result(data: dict[str, Any]) -> ChatResult:
+    try:
+        choice = data["choices"][0]
+        content = choice["message"].get("content") or ""
+        model = data["model"]
+        finish_reason = choice.get("finish_reason")
+        if not (isinstance(content, str) and isinstance(model, str)):
+            raise TypeError
+    except (KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise errors.UpstreamError("Groq sent a body that is not a valid chat completion; try again.") from exc
+    return ChatResult(content, model, usage(data.get("usage")), finish_reason)
+
+
+def usage(usage: object) -> dict[str, int] | None:
+    """Groq's three token counts, or None rather than invented numbers when they are missing."""
+    counts = {k: usage.get(k) for k in _TOKEN_COUNTS} if isinstance(usage, dict) else {}
+    valid = counts and all(isinstance(v, int) and not isinstance(v, bool) for v in counts.values())
+    return counts if valid else None  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def mapped_errors(secret: str) -> Iterator[None]:
+    """The one place where the SDK's and httpx's exceptions become ours."""
+    try:
+        yield
+    except (TimeoutError, groq.APITimeoutError, httpx.TimeoutException) as exc:
+        raise errors.UpstreamTimeout("Groq did not answer in time; try again or raise GROQ_TIMEOUT.") from exc
+    except groq.APIStatusError as exc:
+        raise status_error(exc.status_code, exc.body, exc.response.headers, secret) from exc
+    except groq.APIConnectionError as exc:
+        raise errors.UpstreamUnreachable("Groq could not be reached; check the network or GROQ_BASE_URL.") from exc
+    except httpx.TransportError as exc:
+        raise errors.UpstreamError("Groq closed the connection before the answer was complete; try again.") from exc
+
+
+def status_error(status: int, body: object, headers: httpx.Headers, secret: str) -> errors.ServiceError:
+    error = body.get("error") if isinstance(body, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    groq_message = message[:1000].replace(secret, "[redacted]") if isinstance(message, str) and message else None
+    if status in (400, 404, 413, 422):
+        return errors.UpstreamRejected(groq_message or f"Groq rejected the request (HTTP {status}).", status=status)
+    if status in (401, 403):
+        return errors.UpstreamAuth(f"Groq refused the service's key (HTTP {status}); the operator must check it.")
+    if status == 429:
+        message = groq_message or "Groq's rate limit was reached; retry later."
+        return errors.RateLimited(message, retry_after=retry_after(headers))
+    return errors.UpstreamError(f"Groq answered HTTP {status}; try again later.")
+
+
+def retry_after(headers: httpx.Headers) -> str | None:
+    try:
+        seconds = float(headers.get("retry-after", ""))
+    except ValueError:
+        return None
+    return str(max(0, math.ceil(seconds))) if math.isfinite(seconds) else None
