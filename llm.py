@@ -26,7 +26,6 @@ from validation import parse_chat
 CHAT_PATH = "/openai/v1/chat/completions"
 MODELS_PATH = "/openai/v1/models"
 _INCLUDE_USAGE = {"include_usage": True}
-_POOL_SIZE = 8
 _MAX_EVENT_BYTES = 4 * 1024 * 1024  # one SSE event; a stream never needs to buffer more
 Messages = list[dict[str, str]]
 
@@ -40,9 +39,11 @@ class Upstream:
         self._secret: str = settings.groq_api_key
         self._timeout = settings.groq_timeout
         self._idle_timeout = settings.stream_idle_timeout
-        # httpcore checks every idle connection of a pool on each call (a poll and a getpeername each), so one
-        # pool sized for MAX_CONCURRENCY costs O(connections) per call and collapses under load (90 req/s at
-        # c=64, bench/run.py); calls spread over small pools of 8 instead, each on the least busy one.
+        # One connection per pool, at most one call on it at a time, so httpcore never queues a call. Its pool is
+        # unfair when full: one pass hands the same idle connection to every queued call, the losers wait again,
+        # and a fresh arrival beats them to the next one; at saturation an unlucky call lost that race up to 64
+        # times (p99 3 s at c=64, issue 16). One big pool is worse still: it checks every idle connection on each
+        # call (90 req/s at c=64). A stack of free pools reuses the warmest connection first.
         self._client_options: dict[str, Any] = {
             "api_key": settings.groq_api_key,
             "base_url": settings.groq_base_url,
@@ -50,9 +51,9 @@ class Upstream:
             "max_retries": settings.groq_max_retries,
         }
         self._tls: ssl.SSLContext | None = None  # one CA bundle for all pools, loaded with the first: ~25 ms, 1.7 MB
-        shards = -(-settings.max_concurrency // _POOL_SIZE)
-        self._clients: list[groq.AsyncGroq | None] = [None] * shards  # each made when first needed
-        self._busy = [0] * shards
+        self._clients: list[groq.AsyncGroq | None] = [None] * settings.max_concurrency  # each made when first needed
+        self._busy = [0] * settings.max_concurrency
+        self._free = list(reversed(range(settings.max_concurrency)))  # pools with no call, the next one last
 
     async def aclose(self) -> None:
         for client in self._clients:
@@ -61,10 +62,11 @@ class Upstream:
 
     @contextlib.contextmanager
     def _client(self) -> Iterator[groq.AsyncGroq]:
-        shard = self._busy.index(min(self._busy))
+        # A call still winding down after its slot was freed can leave no pool free; then two calls share one.
+        shard = self._free.pop() if self._free else self._busy.index(min(self._busy))
         client = self._clients[shard]
         if client is None:
-            limits = httpx.Limits(max_connections=_POOL_SIZE, max_keepalive_connections=_POOL_SIZE)
+            limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
             self._tls = self._tls or httpx.create_ssl_context()
             http_client = groq.DefaultAsyncHttpxClient(limits=limits, verify=self._tls)
             client = self._clients[shard] = groq.AsyncGroq(**self._client_options, http_client=http_client)
@@ -73,6 +75,8 @@ class Upstream:
             yield client
         finally:
             self._busy[shard] -= 1
+            if not self._busy[shard]:
+                self._free.append(shard)
 
     async def complete(self, body: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
         """POST a chat completion; returns Groq's raw body and its parsed form."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import http.client
 import json
 import os
 import platform
@@ -22,7 +23,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +78,12 @@ def start_fake(python: str, chunks: int) -> tuple[subprocess.Popen[str], str]:
     return proc, f"http://127.0.0.1:{proc.stdout.readline().strip()}"
 
 
-def start_service(python: str, fake_url: str, workers: int) -> tuple[subprocess.Popen[bytes], str, float]:
+def start_service(
+    python: str, fake_url: str, workers: int, max_concurrency: int = 64
+) -> tuple[subprocess.Popen[bytes], str, float]:
     port = free_port()
     env = {**os.environ, "GROQ_API_KEY": KEY, "GROQ_BASE_URL": fake_url, "PORT": str(port), "WORKERS": str(workers)}
+    env["MAX_CONCURRENCY"] = str(max_concurrency)
     cores = "0" if workers == 1 else "0,1"
     started = time.perf_counter()
     proc = subprocess.Popen([*pinned(cores), python, "app.py"], cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
@@ -96,7 +102,7 @@ def start_service(python: str, fake_url: str, workers: int) -> tuple[subprocess.
 def load(
     url: str, path: str, body: dict[str, Any], concurrency: int, seconds: float, auth: bool = False, *, wrk: bool
 ) -> dict[str, float]:
-    """Closed-loop load: requests/s, p50/p99 latency in ms and the number of requests answered 200."""
+    """Closed-loop load: requests/s, p50/p99/max latency in ms and the number of requests answered 200."""
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {KEY}"} if auth else {})}
     if wrk:
         return _wrk(url + path, json.dumps(body), headers, concurrency, seconds)
@@ -116,6 +122,8 @@ def _wrk(url: str, body: str, headers: dict[str, str], concurrency: int, seconds
             f"-c{concurrency}",
             f"-d{max(1, round(seconds))}s",
             "--latency",
+            "--timeout",
+            "10s",
             "-s",
             script.name,
             url,
@@ -127,6 +135,7 @@ def _wrk(url: str, body: str, headers: dict[str, str], concurrency: int, seconds
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
         "p50": _ms(re.search(r"50%\s+([\d.]+\w+)", out).group(1)),  # type: ignore[union-attr]
         "p99": _ms(re.search(r"99%\s+([\d.]+\w+)", out).group(1)),  # type: ignore[union-attr]
+        "max": _ms(re.search(r"Latency\s+\S+\s+\S+\s+([\d.]+\w+)", out).group(1)),  # type: ignore[union-attr]
         "ok": requests - (int(bad.group(1)) if bad else 0),
     }
 
@@ -161,8 +170,35 @@ async def _asyncio_load(
 
     started = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
-    cuts = statistics.quantiles(latencies, n=100)
-    return {"rps": len(latencies) / (time.perf_counter() - started), "p50": cuts[49], "p99": cuts[98], "ok": ok}
+    cuts = statistics.quantiles(latencies, n=100, method="inclusive")
+    rps = len(latencies) / (time.perf_counter() - started)
+    return {"rps": rps, "p50": cuts[49], "p99": cuts[98], "max": max(latencies), "ok": ok}
+
+
+def upstream_connections(fake_url: str) -> int:
+    """How many connections the fake Groq has accepted so far."""
+    host, port = fake_url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=5)
+    try:
+        connection.request("GET", "/fake/stats")
+        return int(json.loads(connection.getresponse().read())["connections"])
+    finally:
+        connection.close()
+
+
+def steady_connections(fake_url: str, seconds: float) -> Callable[[], int]:
+    """Upstream connections opened from 20% to 80% into a load phase, away from its start and end."""
+    samples: list[int] = []
+    timers = [threading.Timer(seconds * f, lambda: samples.append(upstream_connections(fake_url))) for f in (0.2, 0.8)]
+    for timer in timers:
+        timer.start()
+
+    def opened() -> int:
+        for timer in timers:
+            timer.join()
+        return samples[1] - samples[0] - 1  # less the second sample's own connection
+
+    return opened
 
 
 async def _streams(url: str, count: int) -> int:
@@ -241,14 +277,18 @@ def one_run(
             "direct_p99_ms": direct["p99"],
         }
         row["added_p50_ms"] = c1["p50"] - direct["p50"]
-        cpu = cpu_seconds(service.pid)
+        row["c1_max_ms"] = c1["max"]
+        load(url, "/chat", CHAT, 64, 0.5, wrk=wrk)  # warm-up: every upstream connection opened
+        cpu, opened = cpu_seconds(service.pid), steady_connections(fake_url, seconds)
         fast = load(url, "/chat", CHAT, 64, seconds, wrk=wrk)
         row["cpu_us_c64"] = (cpu_seconds(service.pid) - cpu) / fast["ok"] * 1e6
-        row |= {"c64_rps": fast["rps"], "c64_p99_ms": fast["p99"]}
-        cpu = cpu_seconds(service.pid)
+        row["c64_new_conns_per_1000"] = opened() / (fast["rps"] * seconds * 0.6) * 1000
+        row |= {"c64_rps": fast["rps"], "c64_p99_ms": fast["p99"], "c64_max_ms": fast["max"]}
+        cpu, opened = cpu_seconds(service.pid), steady_connections(fake_url, seconds)
         slow = load(url, "/chat", {**CHAT, "model": "bench/delay50"}, 64, seconds, wrk=wrk)
         row["cpu_us_c64_delay50"] = (cpu_seconds(service.pid) - cpu) / slow["ok"] * 1e6
-        row |= {"c64_delay50_rps": slow["rps"], "c64_delay50_p99_ms": slow["p99"]}
+        row["c64_delay50_new_conns_per_1000"] = opened() / (slow["rps"] * seconds * 0.6) * 1000
+        row |= {"c64_delay50_rps": slow["rps"], "c64_delay50_p99_ms": slow["p99"], "c64_delay50_max_ms": slow["max"]}
         time.sleep(0.5)  # calls cut off at the end of the last phase still hold their slots for up to 50 ms
         cpu = cpu_seconds(service.pid)
         forwarded = asyncio.run(_streams(url, streams))
@@ -259,11 +299,24 @@ def one_run(
     finally:
         service.terminate()
         service.wait(30)
+    row |= at_capacity(python, fake_url, seconds, wrk)
     row["floor_us_c1"] = sdk_floor_us(python, fake_url, "openai/gpt-oss-20b", 1, seconds)
     row["floor_us_c64_delay50"] = sdk_floor_us(python, fake_url, "bench/delay50", 64, seconds)
     row["ratio_c1"] = row["cpu_us_c1"] / row["floor_us_c1"]
     row["ratio_c64_delay50"] = row["cpu_us_c64_delay50"] / row["floor_us_c64_delay50"]
     return row
+
+
+def at_capacity(python: str, fake_url: str, seconds: float, wrk: bool, capacity: int = 16) -> dict[str, float]:
+    """A service with a smaller MAX_CONCURRENCY, loaded at exactly that many connections: its tail latency."""
+    service, url, _ = start_service(python, fake_url, 1, max_concurrency=capacity)
+    try:
+        load(url, "/chat", CHAT, capacity, 0.5, wrk=wrk)  # warm-up
+        full = load(url, "/chat", CHAT, capacity, seconds, wrk=wrk)
+    finally:
+        service.terminate()
+        service.wait(30)
+    return {"cap16_rps": full["rps"], "cap16_p99_ms": full["p99"], "cap16_max_ms": full["max"]}
 
 
 FIGURES = [  # key, label, target, format
@@ -276,10 +329,18 @@ FIGURES = [  # key, label, target, format
     ("cpu_us_c64", "service CPU per /chat, c=64, no upstream delay (µs)", "", "{:.0f}"),
     ("c64_delay50_rps", "throughput c=64, 50 ms upstream (req/s)", "≥ 480", "{:.0f}"),
     ("c64_delay50_p99_ms", "p99 c=64, 50 ms upstream (ms)", "", "{:.1f}"),
-    ("c64_rps", "throughput c=64, no upstream delay (req/s)", "", "{:.0f}"),
-    ("c64_p99_ms", "p99 c=64, no upstream delay (ms)", "", "{:.1f}"),
+    ("c64_delay50_max_ms", "max c=64, 50 ms upstream (ms)", "", "{:.1f}"),
+    ("c64_delay50_new_conns_per_1000", "new upstream connections per 1,000 calls, c=64, 50 ms delay", "≤ 1", "{:.2f}"),
+    ("c64_rps", "throughput c=64 = MAX_CONCURRENCY, no upstream delay (req/s)", "", "{:.0f}"),
+    ("c64_p99_ms", "p99 c=64 = MAX_CONCURRENCY, no upstream delay (ms)", "", "{:.1f}"),
+    ("c64_max_ms", "max c=64 = MAX_CONCURRENCY, no upstream delay (ms)", "< 1000", "{:.1f}"),
+    ("c64_new_conns_per_1000", "new upstream connections per 1,000 requests, c=64, no delay", "≤ 1", "{:.2f}"),
+    ("cap16_rps", "throughput c=16 = MAX_CONCURRENCY=16, no upstream delay (req/s)", "", "{:.0f}"),
+    ("cap16_p99_ms", "p99 c=16 = MAX_CONCURRENCY=16, no upstream delay (ms)", "", "{:.1f}"),
+    ("cap16_max_ms", "max c=16 = MAX_CONCURRENCY=16, no upstream delay (ms)", "< 1000", "{:.1f}"),
     ("c1_p50_ms", "p50 c=1 through the service (ms)", "", "{:.2f}"),
     ("c1_p99_ms", "p99 c=1 through the service (ms)", "", "{:.2f}"),
+    ("c1_max_ms", "max c=1 through the service (ms)", "", "{:.2f}"),
     ("direct_p50_ms", "p50 c=1 straight to the fake (ms)", "", "{:.2f}"),
     ("added_p50_ms", "p50 added latency c=1 (ms)", "≤ 2.0", "{:.2f}"),
     ("cpu_us_per_chunk", "CPU per forwarded stream chunk (µs)", "≤ 50", "{:.1f}"),

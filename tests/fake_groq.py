@@ -20,6 +20,7 @@ from typing import Any
 API_KEY = "gsk_fake_test_key_0123456789"
 CHAT_PATH = "/openai/v1/chat/completions"
 MODELS_PATH = "/openai/v1/models"
+STATS_PATH = "/fake/stats"  # not Groq's: how many connections the fake has accepted
 MODELS = ["openai/gpt-oss-20b", "openai/gpt-oss-120b", "qwen/qwen3.6-27b"]
 
 
@@ -69,6 +70,7 @@ class FakeGroq:
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
         self.port = 0
+        self.connections = 0  # accepted, for the benchmark's count of upstream connections opened
 
     @property
     def url(self) -> str:
@@ -103,6 +105,7 @@ class FakeGroq:
         return await asyncio.start_server(self._connection, "127.0.0.1", port, limit=1 << 20)
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -122,6 +125,8 @@ class FakeGroq:
     async def _respond(
         self, method: str, path: str, headers: dict[str, str], body: Any, reader: Any, writer: Any
     ) -> bool:
+        if (method, path) == ("GET", STATS_PATH):
+            return self._send_json(writer, 200, {"connections": self.connections})
         if headers.get("authorization") != f"Bearer {self.api_key}":
             error = {"message": "Invalid API Key", "type": "invalid_request_error", "code": "invalid_api_key"}
             return self._send_json(writer, 401, {"error": error})
