@@ -72,10 +72,10 @@ class FakeGroq:
         self.received: list[Received] = []
         self.stream_ends: list[tuple[str, float]] = []  # ("completed" | "client_closed", monotonic time)
         self.stream_ended = threading.Event()
+        self.content_waits: list[str] = []  # how each content_delay ended: "gate", "timeout" or "client_closed"
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
         self.port = 0
-        self.content_waits: list[str] = []  # how each content_delay ended: "gate", "timeout" or "client_closed"
 
     @property
     def url(self) -> str:
