@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import json
 import logging
@@ -125,7 +124,7 @@ class Service:
         streaming.log_result(
             fields, result.model, result.usage, fields.get("completion") is not None and result.content
         )
-        return _json(dataclasses.asdict(result))
+        return _json(result.answer())
 
     async def completions(self, request: Request) -> Response:
         """The groq and openai SDKs' own route: Groq's body and stream relayed as Groq sent them."""

@@ -9,6 +9,7 @@ ServiceError                      500 internal_error (fixed message; the cause i
 ├── ValidationError               422 validation_error (with details)
 ├── HeadersTooLarge               431 headers_too_large
 ├── Overloaded / NotConfigured    503 overloaded / not_configured
+├── UpstreamBusy                  503 upstream_busy (Groq's 498: its flex tier is at capacity; raised by llm.py)
 └── from Groq (raised by llm.py): UpstreamRejected (Groq's 400/404/413/422), UpstreamAuth 502,
     RateLimited 429, UpstreamError 502, UpstreamUnreachable 502, UpstreamTimeout 504
 """
@@ -97,6 +98,10 @@ class Overloaded(ServiceError):
 
 class NotConfigured(ServiceError):
     status, type = 503, "not_configured"
+
+
+class UpstreamBusy(ServiceError):
+    status, type = 503, "upstream_busy"
 
 
 class UpstreamRejected(ServiceError):

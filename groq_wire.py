@@ -9,7 +9,7 @@ import contextlib
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import groq
@@ -26,6 +26,14 @@ class ChatResult:
     model: str
     usage: dict[str, int] | None
     finish_reason: str | None
+    reasoning: str | None = None  # only when Groq sent it
+
+    def answer(self) -> dict[str, Any]:
+        """The /chat answer: `reasoning` is left out, not null, when Groq sent none."""
+        answer = asdict(self)
+        if self.reasoning is None:
+            del answer["reasoning"]
+        return answer
 
 
 def split_events(buffer: bytes) -> tuple[list[tuple[bytes, Any]], bytes]:
@@ -73,18 +81,26 @@ def result(data: dict[str, Any]) -> ChatResult:
         content = choice["message"].get("content") or ""
         model = data["model"]
         finish_reason = choice.get("finish_reason")
-        if not (isinstance(content, str) and isinstance(model, str)):
+        reasoning = choice["message"].get("reasoning")
+        if not (isinstance(content, str) and isinstance(model, str) and isinstance(reasoning, str | None)):
             raise TypeError
     except (KeyError, IndexError, TypeError, AttributeError) as exc:
         raise errors.UpstreamError("Groq sent a body that is not a valid chat completion; try again.") from exc
-    return ChatResult(content, model, usage(data.get("usage")), finish_reason)
+    return ChatResult(content, model, usage(data.get("usage")), finish_reason, reasoning)
 
 
 def usage(usage: object) -> dict[str, int] | None:
     """Groq's three token counts, or None rather than invented numbers when they are missing."""
     counts = {k: usage.get(k) for k in _TOKEN_COUNTS} if isinstance(usage, dict) else {}
     valid = counts and all(isinstance(v, int) and not isinstance(v, bool) for v in counts.values())
-    return counts if valid else None  # type: ignore[return-value]
+    return {**counts, **_reasoning_tokens(usage)} if valid else None  # type: ignore[dict-item]
+
+
+def _reasoning_tokens(usage: Any) -> dict[str, int]:
+    """`reasoning_tokens` when Groq reports how many of the completion tokens were reasoning."""
+    details = usage.get("completion_tokens_details")
+    tokens = details.get("reasoning_tokens") if isinstance(details, dict) else None
+    return {"reasoning_tokens": tokens} if isinstance(tokens, int) and not isinstance(tokens, bool) else {}
 
 
 @contextlib.contextmanager
@@ -113,6 +129,9 @@ def status_error(status: int, body: object, headers: httpx.Headers, secret: str)
     if status == 429:
         message = groq_message or "Groq's rate limit was reached; retry later."
         return errors.RateLimited(message, retry_after=retry_after(headers))
+    if status == 498:
+        message = "Groq's flex tier is at capacity (HTTP 498); retry later, or use another service_tier."
+        return errors.UpstreamBusy(message, retry_after=retry_after(headers))
     return errors.UpstreamError(f"Groq answered HTTP {status}; try again later.")
 
 

@@ -28,6 +28,7 @@ MODELS_PATH = "/openai/v1/models"
 _INCLUDE_USAGE = {"include_usage": True}
 _MAX_EVENT_BYTES = 4 * 1024 * 1024  # one SSE event; a stream never needs to buffer more
 Messages = list[dict[str, str]]
+Delta = tuple[str, str]  # ("reasoning" | "content", text)
 
 
 class Upstream:
@@ -137,24 +138,32 @@ class Upstream:
 
     async def chat_stream(
         self, messages: Messages, model: str, params: dict[str, Any]
-    ) -> AsyncGenerator[list[str] | ChatResult]:
-        """Yield lists of text deltas (one list per read from Groq), then the final ChatResult."""
+    ) -> AsyncGenerator[list[Delta] | ChatResult]:
+        """Yield lists of reasoning and text deltas (one list per read from Groq), then the final ChatResult.
+
+        The first list comes with Groq's first chunk even when that holds no text (a reasoning model's
+        first chunk is only its role), so a stream can start while the model is still thinking.
+        """
         final: dict[str, Any] = {"model": model}
-        finish_reason = None
+        finish_reason, first = None, True
         body = {"messages": messages, "model": model, **params, "stream_options": _INCLUDE_USAGE}
         async with contextlib.aclosing(self.stream_events(body)) as stream:
             async for events in stream:
-                deltas = []
+                deltas: list[Delta] = []
                 for _, data in events:
                     if data == "[DONE]":
                         continue
                     final["model"] = data.get("model") or final["model"]
                     final["usage"] = data.get("usage") or (data.get("x_groq") or {}).get("usage") or final.get("usage")
                     for choice in data.get("choices") or ():
-                        if content := (choice.get("delta") or {}).get("content"):
-                            deltas.append(content)
+                        delta = choice.get("delta") or {}
+                        if (reasoning := delta.get("reasoning")) and isinstance(reasoning, str):
+                            deltas.append(("reasoning", reasoning))
+                        if content := delta.get("content"):
+                            deltas.append(("content", content))
                         finish_reason = choice.get("finish_reason") or finish_reason
-                if deltas:
+                if deltas or first:
+                    first = False
                     yield deltas
         yield ChatResult("", str(final["model"]), groq_wire.usage(final.get("usage")), finish_reason)
 
@@ -173,13 +182,13 @@ def chat_completion(messages: Messages, model: str | None = None, **params: Any)
 
 
 def stream_chat_completion(messages: Messages, model: str | None = None, **params: Any) -> Iterator[str | ChatResult]:
-    """Blocking stream for scripts: text deltas as they arrive, then the final ChatResult."""
+    """Blocking stream for scripts: text deltas as they arrive (not the reasoning), then the final ChatResult."""
     upstream, request = _script_call(messages, model, params)
     loop = asyncio.new_event_loop()
     pieces = upstream.chat_stream(*request)
     try:
         while (piece := loop.run_until_complete(anext(pieces, None))) is not None:
-            yield from piece if isinstance(piece, list) else [piece]
+            yield from (text for kind, text in piece if kind == "content") if isinstance(piece, list) else [piece]
     finally:
         loop.run_until_complete(pieces.aclose())
         loop.run_until_complete(upstream.aclose())

@@ -10,6 +10,7 @@ from typing import Any
 
 from validation import (
     GENERATION_PARAMS,
+    GROQ_OPTIONS,
     Checker,
     Validator,
     either,
@@ -67,23 +68,19 @@ _ROLES: dict[str, Validator] = {
 _FUNCTION = shape(
     {"name": Checker.text, "description": string, "parameters": json_value, "strict": Checker.boolean}, "name"
 )
-_SCHEMA = shape({"name": Checker.text, "description": string, "schema": json_value, "strict": Checker.boolean}, "name")
 _FUNCTION_CHOICE = shape(
     {"type": literal("function"), "function": shape({"name": Checker.text}, "name")}, "type function"
 )
 OPENAI_PARAMS: dict[str, Validator] = {
     **GENERATION_PARAMS,
+    **GROQ_OPTIONS,
     "model": lambda c, v, f: c.model(v, f),
     "messages": list_of(_message, 1, 2048),
-    "max_completion_tokens": GENERATION_PARAMS["max_tokens"],
     "stream": Checker.boolean,
     "stream_options": shape({"include_usage": Checker.boolean}),
-    "response_format": shape({"type": literal("text json_object json_schema"), "json_schema": _SCHEMA}, "type"),
     "tools": list_of(shape({"type": literal("function"), "function": _FUNCTION}, "type function"), 1, 128),
     "tool_choice": either({str: literal("none auto required"), dict: _FUNCTION_CHOICE}, "a choice"),
     "parallel_tool_calls": Checker.boolean,
-    "reasoning_effort": literal("none default low medium high"),
-    "reasoning_format": literal("hidden raw parsed"),
     "user": string,
     "n": lambda c, v, f: c.integer(v, f, 1, 1),
 }

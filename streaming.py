@@ -7,7 +7,6 @@ the stream with one error event. However the stream ends, the upstream generator
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -24,6 +23,7 @@ from middleware import elapsed_ms
 # Set here, not as media_type, so Starlette adds no charset: SSE is always UTF-8.
 _HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 Encoder = Callable[[Any], bytes]
+_DELTA_EVENT = {"content": b'data: {"content": %s}\n\n', "reasoning": b'data: {"reasoning": %s}\n\n'}
 
 
 async def start(
@@ -87,16 +87,16 @@ class _EventStream(StreamingResponse):
             await self._events.aclose()
 
 
-def chat_encoder(fields: dict[str, Any]) -> Callable[[list[str] | ChatResult], bytes]:
-    """/chat events: one `data: {"content": ...}` per delta, then the metadata and `[DONE]`."""
+def chat_encoder(fields: dict[str, Any]) -> Callable[[list[tuple[str, str]] | ChatResult], bytes]:
+    """/chat events: one `data: {"reasoning" or "content": ...}` per delta, then the metadata and `[DONE]`."""
 
-    def encode(piece: list[str] | ChatResult) -> bytes:
+    def encode(piece: list[tuple[str, str]] | ChatResult) -> bytes:
         if isinstance(piece, ChatResult):
             log_result(fields, piece.model, piece.usage, False)
-            return b"data: %s\n\ndata: [DONE]\n\n" % json.dumps(dataclasses.asdict(piece)).encode()
+            return b"data: %s\n\ndata: [DONE]\n\n" % json.dumps(piece.answer()).encode()
         if "completion" in fields:
-            fields["completion"] += "".join(piece)
-        return b"".join(b'data: {"content": %s}\n\n' % json.dumps(d).encode() for d in piece)
+            fields["completion"] += "".join(text for kind, text in piece if kind == "content")
+        return b"".join(_DELTA_EVENT[kind] % json.dumps(text).encode() for kind, text in piece)
 
     return encode
 

@@ -166,8 +166,44 @@ GENERATION_PARAMS: dict[str, Validator] = {
     "stop": Checker.stop,
     "seed": lambda c, v, f: c.integer(v, f, -(2**63), 2**63 - 1),
 }
+_JSON_SCHEMA = shape(
+    {
+        "name": Checker.text,
+        "description": string,
+        "schema": either({dict: json_value}, "an object"),
+        "strict": Checker.boolean,
+    },
+    "name",
+)
+_RESPONSE_FORMATS = {
+    "text": shape({"type": string}),
+    "json_object": shape({"type": string}),
+    "json_schema": shape({"type": string, "json_schema": _JSON_SCHEMA}, "json_schema"),
+}
+
+
+def _response_format(check: Checker, value: Any, field: str) -> None:
+    """`{"type": "text"}`, `{"type": "json_object"}`, or `{"type": "json_schema", "json_schema": {...}}`."""
+    if not isinstance(value, dict):
+        check.fail(field, f"must be an object (got {kind(value)})")
+    elif not isinstance(value.get("type"), str) or value["type"] not in _RESPONSE_FORMATS:
+        check.fail(f"{field}.type", f"must be one of {', '.join(_RESPONSE_FORMATS)}")
+    else:
+        _RESPONSE_FORMATS[value["type"]](check, value, field)
+
+
+# Groq's options for reasoning models, structured output and its service tiers; both routes take them.
+GROQ_OPTIONS: dict[str, Validator] = {
+    "reasoning_effort": literal("none default low medium high"),
+    "include_reasoning": Checker.boolean,
+    "reasoning_format": literal("hidden raw parsed"),
+    "response_format": _response_format,
+    "max_completion_tokens": GENERATION_PARAMS["max_tokens"],
+    "service_tier": literal("auto on_demand flex performance"),
+}
 # /chat: plain messages, a role of three and non-empty text, nothing else.
-_CHAT_FIELDS = frozenset({"prompt", "system_prompt", "messages", "model", "stream", *GENERATION_PARAMS})
+_CHAT_PARAMS = {**GENERATION_PARAMS, **GROQ_OPTIONS}
+_CHAT_FIELDS = frozenset({"prompt", "system_prompt", "messages", "model", "stream", *_CHAT_PARAMS})
 _CHAT_MESSAGES = list_of(
     shape({"role": literal("system user assistant"), "content": Checker.text}, "role content"), 1, 2048
 )
@@ -191,9 +227,11 @@ def parse_chat(body: dict[str, Any], *, allowed_models: tuple[str, ...] = ()) ->
         check.model(body["model"])
     if "stream" in body:
         check.boolean(body["stream"], "stream")
-    params = {name: body[name] for name in GENERATION_PARAMS if name in body}
+    params = {name: body[name] for name in _CHAT_PARAMS if name in body}
     for name, value in params.items():
-        GENERATION_PARAMS[name](check, value, name)
+        _CHAT_PARAMS[name](check, value, name)
+    if "max_tokens" in params and "max_completion_tokens" in params:
+        check.fail("max_completion_tokens", "is the new name of max_tokens: give one of them, not both")
     check.raise_if_any()
     return ChatRequest(messages, body.get("model"), params, body.get("stream") is True)
 

@@ -43,6 +43,12 @@ class Behaviour:
     finish_reason: str = "stop"
     tool_call: dict[str, Any] | None = None  # {"name": ..., "arguments": "..."}: answer with a tool call
     message_extra: dict[str, Any] = field(default_factory=dict)  # more fields in the answer's message
+    # A reasoning model: its reasoning goes out when asked (include_reasoning or reasoning_format "parsed"), as
+    # message.reasoning, or in a stream as delta.reasoning chunks right after the first chunk, before the content.
+    reasoning: str | None = None
+    reasoning_tokens: int | None = None  # reported as usage.completion_tokens_details.reasoning_tokens
+    content_delay: float = 0.0  # in a stream, the wait before the first content chunk (the model thinking)
+    content_gate: threading.Event | None = None  # setting it ends content_delay early
 
     def pieces(self) -> list[str]:
         if self.chunks is not None:
@@ -67,6 +73,7 @@ class FakeGroq:
         self.received: list[Received] = []
         self.stream_ends: list[tuple[str, float]] = []  # ("completed" | "client_closed", monotonic time)
         self.stream_ended = threading.Event()
+        self.content_waits: list[str] = []  # how each content_delay ended: "gate", "timeout" or "client_closed"
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
         self.port = 0
@@ -187,7 +194,10 @@ class FakeGroq:
                     return self._ended("client_closed")
                 batch = events[i : i + b.chunks_per_write]
                 i += len(batch)
-                sent_content += sum(1 for e in batch if b'"content":"' in e and b'"content":""' not in e)
+                content = sum(1 for e in batch if b'"content":"' in e and b'"content":""' not in e)
+                if content and not sent_content and b.content_delay and await self._hold_content(b, closed):
+                    return self._ended("client_closed")
+                sent_content += content
                 _write_chunk(writer, b"".join(batch))
                 await writer.drain()
                 if closed.done():
@@ -206,6 +216,17 @@ class FakeGroq:
     def _ended(self, how: str) -> None:
         self.stream_ends.append((how, time.monotonic()))
         self.stream_ended.set()
+
+    async def _hold_content(self, b: Behaviour, closed: asyncio.Future[bytes]) -> bool:
+        """Hold the first content chunk for `content_delay` or until the gate is set; True if the client left."""
+        deadline, how = time.monotonic() + b.content_delay, "timeout"
+        while time.monotonic() < deadline:
+            if closed.done() or (b.content_gate is not None and b.content_gate.is_set()):
+                how = "client_closed" if closed.done() else "gate"
+                break
+            await asyncio.wait({closed}, timeout=0.01)
+        self.content_waits.append(how)
+        return how == "client_closed"
 
 
 _REQ = "req_01kh52ndshfr2azv0xe6tnv4fx"
@@ -248,6 +269,8 @@ def _completion(body: dict[str, Any], b: Behaviour) -> dict[str, Any]:
             "tool_calls": [{"id": "call_fake1", "type": "function", "function": dict(b.tool_call)}],
         }
         finish = "tool_calls"
+    if b.reasoning is not None and _asks_reasoning(body):
+        message["reasoning"] = b.reasoning
     message.update(b.message_extra)
     out: dict[str, Any] = {
         "id": f"chatcmpl-{uuid.uuid4()}",
@@ -261,6 +284,7 @@ def _completion(body: dict[str, Any], b: Behaviour) -> dict[str, Any]:
         "x_groq": {"id": _REQ, "seed": 167346302},
         "service_tier": "on_demand",
     }
+    _add_reasoning_tokens(out["usage"], b)
     if not b.usage:
         del out["usage"]
     return out
@@ -292,14 +316,33 @@ def _stream_events(body: dict[str, Any], b: Behaviour) -> list[bytes]:
         events.append(event({"tool_calls": [call]}))
         events.append(event({"tool_calls": [{"index": 0, "function": {"arguments": b.tool_call["arguments"]}}]}))
         finish, pieces = "tool_calls", []
+    if b.reasoning is not None and _asks_reasoning(body):
+        events += [event({"reasoning": p}) for p in _words(b.reasoning)]
     events += [event({"content": p}) for p in pieces]
     usage = _usage(body, len(pieces))
+    _add_reasoning_tokens(usage, b)
     final_extra: dict[str, Any] = {"x_groq": {"id": _REQ, "usage": usage}, "usage": usage} if b.usage else {}
     events.append(event({}, finish, **final_extra))
     if b.usage and (body.get("stream_options") or {}).get("include_usage"):
         events.append(b"data: " + json.dumps({**base, "choices": [], "usage": usage}).encode() + b"\n\n")
     events.append(b"data: [DONE]\n\n")
     return events
+
+
+def _asks_reasoning(body: dict[str, Any]) -> bool:
+    return body.get("include_reasoning") is True or body.get("reasoning_format") == "parsed"
+
+
+def _words(text: str) -> list[str]:
+    words = text.split(" ")
+    return [w + " " for w in words[:-1]] + [words[-1]]
+
+
+def _add_reasoning_tokens(usage: dict[str, Any], b: Behaviour) -> None:
+    if b.reasoning_tokens is not None:
+        usage["completion_tokens"] += b.reasoning_tokens
+        usage["total_tokens"] += b.reasoning_tokens
+        usage["completion_tokens_details"] = {"reasoning_tokens": b.reasoning_tokens}
 
 
 BENCH_MODELS = {

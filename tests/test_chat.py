@@ -310,8 +310,8 @@ GROQ_FAILURES = [
     ),
     (
         Behaviour(status=498, error={"message": "Flex tier capacity exceeded", "type": "capacity_exceeded"}),
-        502,
-        "upstream_error",
+        503,
+        "upstream_busy",
         False,
     ),
     (Behaviour(status=418, error={"message": "teapot", "type": "x"}), 502, "upstream_error", False),

@@ -74,6 +74,7 @@ def test_stream_chat_completion_yields_deltas_then_metadata(script_env: FakeGroq
         "model": "openai/gpt-oss-20b",
         "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
         "finish_reason": "stop",
+        "reasoning": None,
     }
     assert script_env.chat_requests()[0].body["stream_options"] == {"include_usage": True}
 

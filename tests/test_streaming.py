@@ -85,10 +85,7 @@ def test_no_usage_from_groq_means_null(service: Service, fake: FakeGroq) -> None
             "upstream_rejected",
         ),
         (Behaviour(status=503), {}, 502, "upstream_error"),
-        (Behaviour(error_event_after=0, chunks=3), {}, 502, "upstream_error"),
-        (Behaviour(drop_after=0, chunks=3), {}, 502, "upstream_error"),
         (Behaviour(delay=2), {"GROQ_TIMEOUT": "0.3"}, 504, "upstream_timeout"),
-        (Behaviour(stall_after=0, chunks=3), {"GROQ_STREAM_IDLE_TIMEOUT": "0.3"}, 504, "upstream_timeout"),
     ],
 )
 def test_errors_before_the_first_byte_are_json(
