@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ssl
 from collections.abc import AsyncGenerator, Iterator
 from typing import Any, cast
@@ -32,7 +33,7 @@ Delta = tuple[str, str]  # ("reasoning" | "content", text)
 
 
 class Upstream:
-    """The Groq clients the process shares (small connection pools), made at start-up, closed at shutdown."""
+    """The Groq clients the process shares (one connection each, made when first needed), closed at shutdown."""
 
     def __init__(self, settings: Settings) -> None:
         if not settings.groq_api_key:
@@ -63,21 +64,22 @@ class Upstream:
 
     @contextlib.contextmanager
     def _client(self) -> Iterator[groq.AsyncGroq]:
-        # A call still winding down after its slot was freed can leave no pool free; then two calls share one.
+        # The slot is freed only after the pool, so one is always free; were it not, two calls would share one.
         shard = self._free.pop() if self._free else self._busy.index(min(self._busy))
-        client = self._clients[shard]
-        if client is None:
-            limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-            self._tls = self._tls or httpx.create_ssl_context()
-            http_client = groq.DefaultAsyncHttpxClient(limits=limits, verify=self._tls)
-            client = self._clients[shard] = groq.AsyncGroq(**self._client_options, http_client=http_client)
         self._busy[shard] += 1
         try:
-            yield client
+            yield self._clients[shard] or self._new_client(shard)
         finally:
             self._busy[shard] -= 1
             if not self._busy[shard]:
                 self._free.append(shard)
+
+    def _new_client(self, shard: int) -> groq.AsyncGroq:
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        self._tls = self._tls or httpx.create_ssl_context()
+        http_client = groq.DefaultAsyncHttpxClient(limits=limits, verify=self._tls)
+        client = self._clients[shard] = groq.AsyncGroq(**self._client_options, http_client=http_client)
+        return client
 
     async def complete(self, body: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
         """POST a chat completion; returns Groq's raw body and its parsed form."""
@@ -86,7 +88,8 @@ class Upstream:
 
     async def chat(self, messages: Messages, model: str, params: dict[str, Any]) -> ChatResult:
         _, data = await self.complete({"messages": messages, "model": model, **params})
-        return groq_wire.result(data)
+        result = groq_wire.result(data)
+        return result if _shows_reasoning(params) else dataclasses.replace(result, reasoning=None)
 
     async def models(self) -> dict[str, Any]:
         return groq_wire.json_object(await self._call(MODELS_PATH, None))
@@ -145,7 +148,7 @@ class Upstream:
         first chunk is only its role), so a stream can start while the model is still thinking.
         """
         final: dict[str, Any] = {"model": model}
-        finish_reason, first = None, True
+        finish_reason, first, shows_reasoning = None, True, _shows_reasoning(params)
         body = {"messages": messages, "model": model, **params, "stream_options": _INCLUDE_USAGE}
         async with contextlib.aclosing(self.stream_events(body)) as stream:
             async for events in stream:
@@ -157,7 +160,7 @@ class Upstream:
                     final["usage"] = data.get("usage") or (data.get("x_groq") or {}).get("usage") or final.get("usage")
                     for choice in data.get("choices") or ():
                         delta = choice.get("delta") or {}
-                        if (reasoning := delta.get("reasoning")) and isinstance(reasoning, str):
+                        if shows_reasoning and (reasoning := delta.get("reasoning")) and isinstance(reasoning, str):
                             deltas.append(("reasoning", reasoning))
                         if content := delta.get("content"):
                             deltas.append(("content", content))
@@ -166,6 +169,11 @@ class Upstream:
                     first = False
                     yield deltas
         yield ChatResult("", str(final["model"]), groq_wire.usage(final.get("usage")), finish_reason)
+
+
+def _shows_reasoning(params: dict[str, Any]) -> bool:
+    """Whether the client asked to see reasoning; gpt-oss sends it unasked, and unasked it would change the answer."""
+    return params.get("include_reasoning") is True or params.get("reasoning_format") == "parsed"
 
 
 def chat_completion(messages: Messages, model: str | None = None, **params: Any) -> ChatResult:

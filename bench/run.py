@@ -137,6 +137,7 @@ def _wrk(url: str, body: str, headers: dict[str, str], concurrency: int, seconds
         "p99": _ms(re.search(r"99%\s+([\d.]+\w+)", out).group(1)),  # type: ignore[union-attr]
         "max": _ms(re.search(r"Latency\s+\S+\s+\S+\s+([\d.]+\w+)", out).group(1)),  # type: ignore[union-attr]
         "ok": requests - (int(bad.group(1)) if bad else 0),
+        "timeouts": int(timeouts.group(1)) if (timeouts := re.search(r"timeout (\d+)", out)) else 0,
     }
 
 
@@ -172,7 +173,7 @@ async def _asyncio_load(
     await asyncio.gather(*(client() for _ in range(concurrency)))
     cuts = statistics.quantiles(latencies, n=100, method="inclusive")
     rps = len(latencies) / (time.perf_counter() - started)
-    return {"rps": rps, "p50": cuts[49], "p99": cuts[98], "max": max(latencies), "ok": ok}
+    return {"rps": rps, "p50": cuts[49], "p99": cuts[98], "max": max(latencies), "ok": ok, "timeouts": 0}
 
 
 def upstream_connections(fake_url: str) -> int:
@@ -196,6 +197,8 @@ def steady_connections(fake_url: str, seconds: float) -> Callable[[], int]:
     def opened() -> int:
         for timer in timers:
             timer.join()
+        if len(samples) < 2:
+            raise RuntimeError("the fake Groq's connection count could not be read")
         return samples[1] - samples[0] - 1  # less the second sample's own connection
 
     return opened
@@ -288,6 +291,7 @@ def one_run(
         slow = load(url, "/chat", {**CHAT, "model": "bench/delay50"}, 64, seconds, wrk=wrk)
         row["cpu_us_c64_delay50"] = (cpu_seconds(service.pid) - cpu) / slow["ok"] * 1e6
         row["c64_delay50_new_conns_per_1000"] = opened() / (slow["rps"] * seconds * 0.6) * 1000
+        row["timeouts"] = fast["timeouts"] + slow["timeouts"]
         row |= {"c64_delay50_rps": slow["rps"], "c64_delay50_p99_ms": slow["p99"], "c64_delay50_max_ms": slow["max"]}
         time.sleep(0.5)  # calls cut off at the end of the last phase still hold their slots for up to 50 ms
         cpu = cpu_seconds(service.pid)
@@ -300,6 +304,7 @@ def one_run(
         service.terminate()
         service.wait(30)
     row |= at_capacity(python, fake_url, seconds, wrk)
+    row["timeouts"] += row.pop("cap16_timeouts")
     row["floor_us_c1"] = sdk_floor_us(python, fake_url, "openai/gpt-oss-20b", 1, seconds)
     row["floor_us_c64_delay50"] = sdk_floor_us(python, fake_url, "bench/delay50", 64, seconds)
     row["ratio_c1"] = row["cpu_us_c1"] / row["floor_us_c1"]
@@ -316,7 +321,12 @@ def at_capacity(python: str, fake_url: str, seconds: float, wrk: bool, capacity:
     finally:
         service.terminate()
         service.wait(30)
-    return {"cap16_rps": full["rps"], "cap16_p99_ms": full["p99"], "cap16_max_ms": full["max"]}
+    return {
+        "cap16_rps": full["rps"],
+        "cap16_p99_ms": full["p99"],
+        "cap16_max_ms": full["max"],
+        "cap16_timeouts": full["timeouts"],
+    }
 
 
 FIGURES = [  # key, label, target, format
@@ -338,6 +348,7 @@ FIGURES = [  # key, label, target, format
     ("cap16_rps", "throughput c=16 = MAX_CONCURRENCY=16, no upstream delay (req/s)", "", "{:.0f}"),
     ("cap16_p99_ms", "p99 c=16 = MAX_CONCURRENCY=16, no upstream delay (ms)", "", "{:.1f}"),
     ("cap16_max_ms", "max c=16 = MAX_CONCURRENCY=16, no upstream delay (ms)", "< 1000", "{:.1f}"),
+    ("timeouts", "requests with no answer within 10 s, c=16 and c=64 phases (not in p99 or max)", "0", "{:.0f}"),
     ("c1_p50_ms", "p50 c=1 through the service (ms)", "", "{:.2f}"),
     ("c1_p99_ms", "p99 c=1 through the service (ms)", "", "{:.2f}"),
     ("c1_max_ms", "max c=1 through the service (ms)", "", "{:.2f}"),
@@ -376,6 +387,8 @@ def main() -> None:
     wrk = shutil.which("wrk") is not None and not args.no_wrk
     if args.quick:
         args.runs, args.seconds, args.streams, args.chunks = 1, 0.5, 4, 50
+    if wrk:  # wrk runs whole seconds; the connection-count window is a share of the phase
+        args.seconds = max(1, round(args.seconds))
     fake, fake_url = start_fake(args.python, args.chunks)
     try:
         rows = [

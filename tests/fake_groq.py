@@ -49,6 +49,7 @@ class Behaviour:
     reasoning_tokens: int | None = None  # reported as usage.completion_tokens_details.reasoning_tokens
     content_delay: float = 0.0  # in a stream, the wait before the first content chunk (the model thinking)
     content_gate: threading.Event | None = None  # setting it ends content_delay early
+    reasoning_unasked: bool = False  # gpt-oss's default: reasoning sent even when the request did not ask
 
     def pieces(self) -> list[str]:
         if self.chunks is not None:
@@ -269,7 +270,7 @@ def _completion(body: dict[str, Any], b: Behaviour) -> dict[str, Any]:
             "tool_calls": [{"id": "call_fake1", "type": "function", "function": dict(b.tool_call)}],
         }
         finish = "tool_calls"
-    if b.reasoning is not None and _asks_reasoning(body):
+    if b.reasoning is not None and (b.reasoning_unasked or _asks_reasoning(body)):
         message["reasoning"] = b.reasoning
     message.update(b.message_extra)
     out: dict[str, Any] = {
@@ -316,7 +317,7 @@ def _stream_events(body: dict[str, Any], b: Behaviour) -> list[bytes]:
         events.append(event({"tool_calls": [call]}))
         events.append(event({"tool_calls": [{"index": 0, "function": {"arguments": b.tool_call["arguments"]}}]}))
         finish, pieces = "tool_calls", []
-    if b.reasoning is not None and _asks_reasoning(body):
+    if b.reasoning is not None and (b.reasoning_unasked or _asks_reasoning(body)):
         events += [event({"reasoning": p}) for p in _words(b.reasoning)]
     events += [event({"content": p}) for p in pieces]
     usage = _usage(body, len(pieces))

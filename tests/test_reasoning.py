@@ -258,6 +258,20 @@ def test_a_stream_relays_reasoning_then_content_then_metadata(fake: FakeGroq, st
 
 
 @pytest.mark.parametrize("ask", [True, False])
+def test_reasoning_groq_sends_unasked_is_not_passed_on(service: Service, fake: FakeGroq, ask: bool) -> None:
+    """gpt-oss sends its reasoning by default: a request that did not ask gets the answer it always got."""
+    fake.default = Behaviour(reasoning="Think first.", reasoning_unasked=True)
+    options = {"include_reasoning": True} if ask else {}
+    answer = service.client.post("/chat", json={"prompt": "Say hello", **options}).json()
+    assert answer.get("reasoning") == ("Think first." if ask else None)
+    assert ("reasoning" in answer) is ask
+    events = stream_and_check(service.client, {"prompt": "Say hello", "stream": True, **options})
+    kinds = [next(iter(json.loads(data))) for _, data in events if data != "[DONE]"]
+    assert kinds == (["reasoning"] * 2 if ask else []) + ["content"] * 7
+    assert all(request.body.get("include_reasoning") is (True if ask else None) for request in fake.chat_requests())
+
+
+@pytest.mark.parametrize("ask", [True, False])
 def test_a_stream_starts_at_groqs_first_chunk_not_its_first_content(
     service: Service, fake: FakeGroq, ask: bool
 ) -> None:
