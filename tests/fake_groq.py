@@ -42,6 +42,7 @@ class Behaviour:
     finish_reason: str = "stop"
     tool_call: dict[str, Any] | None = None  # {"name": ..., "arguments": "..."}: answer with a tool call
     message_extra: dict[str, Any] = field(default_factory=dict)  # more fields in the answer's message
+    hold: threading.Event | None = None  # answer only once this is set (waits at most 30 s)
 
     def pieces(self) -> list[str]:
         if self.chunks is not None:
@@ -134,6 +135,8 @@ class FakeGroq:
         behaviour = self.behaviours.get(str(body.get("model")), self.default)
         if behaviour.delay:
             await asyncio.sleep(behaviour.delay)
+        if behaviour.hold is not None:
+            await _held(behaviour.hold)
         extra = behaviour.headers
         if behaviour.raw_body is not None:
             return self._send(writer, behaviour.status, behaviour.raw_body, "application/json", extra)
@@ -322,6 +325,12 @@ class _Discard(list):  # type: ignore[type-arg]
 
     def append(self, item: Any) -> None:
         pass
+
+
+async def _held(event: threading.Event, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not event.is_set() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
 
 
 if __name__ == "__main__":
