@@ -251,6 +251,20 @@ def test_requests_spread_over_both_replicas_and_carry_the_client_address(deploy:
     assert sorted(line["request_id"] for line in deployment.chat_lines()) == [f"spread-{i}" for i in range(8)]
 
 
+def test_events_pass_nginx_as_they_come_and_a_client_leaving_stops_groq(deploy: Any) -> None:
+    deployment = deploy()
+    for fake in deployment.fakes.values():
+        fake.behaviours["stalls"] = Behaviour(stall_after=1)  # one piece, then silence until the client goes
+    body = {"prompt": "Say hello", "model": "stalls", "stream": True}
+    with _client(deployment.nginx.url) as client, client.stream("POST", "/chat", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "text/event-stream"
+        first = next(line for line in response.iter_lines() if line)
+    assert json.loads(first.removeprefix("data: ")) == {"content": "Hello "}
+    ends = lambda: [how for fake in deployment.fakes.values() for how, _ in fake.stream_ends]  # noqa: E731
+    _wait(lambda: ends() == ["client_closed"], 10, "Groq's stream to be closed")
+
+
 def test_rolling_restart_under_load_loses_no_request(deploy: Any) -> None:
     deployment = deploy()
     for fake in deployment.fakes.values():  # short upstream calls and streams, so some are always in flight
