@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from conftest import ROOT, free_port
+import httpx
+from conftest import CLIENT_TOKEN, ROOT, free_port, groq_env
 
 from config import Settings
 
@@ -197,3 +199,36 @@ def test_compose_runs_two_replicas_redis_and_nginx_with_metrics_on() -> None:
     assert grace > int(re.findall(r'SHUTDOWN_TIMEOUT: "(\d+)"', COMPOSE)[0])
     assert COMPOSE.count("read_only: true") == 3
     assert "./nginx.conf:/etc/nginx/nginx.conf:ro" in COMPOSE
+
+
+# Docker's --read-only --tmpfs /tmp, without Docker: in a private mount namespace the build context is
+# mounted where the image's WORKDIR would be, every mount the service could write to is made read-only,
+# and /tmp is a fresh tmpfs. /srv stands in for /app, which does not exist on this machine. Coverage is off in
+# there (the image has none, and it would write its data file next to the tests).
+_READ_ONLY = (
+    'set -e; mount --make-rprivate /; mount --bind "$0" /srv; mount -o remount,bind,ro /srv;'
+    " mount -o remount,bind,ro /; mount -t tmpfs -o size=16m tmpfs /tmp; cd /srv;"
+    ' exec env -u COVERAGE_PROCESS_CONFIG -u COVERAGE_PROCESS_START "$1" app.py'
+)
+
+
+def test_the_image_files_run_on_a_read_only_root_filesystem(fake: Any, start_process: Any, tmp_path: Path) -> None:
+    rules = _context_rules()
+    context = tmp_path / "context"
+    context.mkdir()
+    for path in ROOT.iterdir():
+        if path.is_file() and _in_context(path.name, rules):
+            shutil.copy(path, context / path.name)
+    copied = sorted(p.name for p in context.iterdir())
+    image_env = dict(pair.split("=", 1) for pair in shlex.split(" ".join(_all("ENV"))))
+    env = {**image_env, **groq_env(fake), "SERVICE_API_KEYS": CLIENT_TOKEN, "PORT": str(free_port())}
+    env = {k: v for k, v in env.items() if k != "HOST"}  # 0.0.0.0 in the image; tests bind 127.0.0.1
+    command = ["unshare", "--mount", "sh", "-c", _READ_ONLY, str(context), sys.executable]
+    service = start_process(env, command)
+    headers = {"Authorization": f"Bearer {CLIENT_TOKEN}"}
+    response = httpx.post(service.url + "/chat", json={"prompt": "Hi"}, headers=headers, timeout=10)
+    assert response.status_code == 200, response.text
+    assert service.stop() == 0
+    assert not any("Read-only file system" in line for line in service.lines), service.lines
+    assert {line["level"] for line in service.json_lines()} <= {"INFO"}
+    assert sorted(p.name for p in context.iterdir()) == copied, "nothing was written next to the modules"
