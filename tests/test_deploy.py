@@ -261,7 +261,10 @@ def test_events_pass_nginx_as_they_come_and_a_client_leaving_stops_groq(deploy: 
         assert response.headers["content-type"] == "text/event-stream"
         first = next(line for line in response.iter_lines() if line)
     assert json.loads(first.removeprefix("data: ")) == {"content": "Hello "}
-    ends = lambda: [how for fake in deployment.fakes.values() for how, _ in fake.stream_ends]  # noqa: E731
+
+    def ends() -> list[str]:
+        return [how for fake in deployment.fakes.values() for how, _ in fake.stream_ends]
+
     _wait(lambda: ends() == ["client_closed"], 10, "Groq's stream to be closed")
 
 
