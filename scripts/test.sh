@@ -4,6 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
+# The deployment tests run Debian's nginx, redis-server and systemd-analyze (deploy/, tests/test_deploy*.py).
+command -v systemd-analyze >/dev/null || (apt-get update -qq && apt-get install -y -qq systemd)
+[ -x /usr/sbin/nginx ] || (apt-get update -qq && apt-get install -y -qq nginx)
+command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 .venv/bin/pip install --quiet --disable-pip-version-check --require-hashes -r requirements-dev.txt
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

@@ -50,6 +50,7 @@ class Behaviour:
     content_delay: float = 0.0  # in a stream, the wait before the first content chunk (the model thinking)
     content_gate: threading.Event | None = None  # setting it ends content_delay early
     reasoning_unasked: bool = False  # gpt-oss's default: reasoning sent even when the request did not ask
+    hold: threading.Event | None = None  # answer only once this is set (waits at most 30 s)
 
     def pieces(self) -> list[str]:
         if self.chunks is not None:
@@ -147,6 +148,8 @@ class FakeGroq:
         behaviour = self.behaviours.get(str(body.get("model")), self.default)
         if behaviour.delay:
             await asyncio.sleep(behaviour.delay)
+        if behaviour.hold is not None:
+            await _held(behaviour.hold)
         extra = behaviour.headers
         if behaviour.raw_body is not None:
             return self._send(writer, behaviour.status, behaviour.raw_body, "application/json", extra)
@@ -371,6 +374,12 @@ class _Discard(list):  # type: ignore[type-arg]
 
     def append(self, item: Any) -> None:
         pass
+
+
+async def _held(event: threading.Event, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not event.is_set() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
 
 
 if __name__ == "__main__":
