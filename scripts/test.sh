@@ -3,8 +3,10 @@
 # the size budget and the tests with the branch-coverage gate. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The quota tests start a real Redis (Debian's redis-server).
+command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install --quiet --disable-pip-version-check --require-hashes -r requirements-dev.txt
+.venv/bin/pip install --quiet --disable-pip-version-check --require-hashes -r requirements-dev.txt -r requirements-redis.txt
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy

@@ -7,9 +7,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 
-import pytest
 import redis
 
 
@@ -64,10 +62,3 @@ class RedisServer:
             self.proc.terminate()
             self.proc.wait(10)
         self.proc = None
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    yield server
-    server.stop()

@@ -71,6 +71,15 @@ def test_named_clients_with_their_own_limits_and_models(fake: FakeGroq, start_se
     assert OPS_TOKEN not in service.log_text() and BATCH_TOKEN not in service.log_text()
 
 
+def test_a_client_without_limits_is_not_counted(fake: FakeGroq, start_service: Any, tmp_path: Path) -> None:
+    service = start_service(groq_env(fake, SERVICE_KEYS_FILE=keys_file(tmp_path, GOOD)))  # no QUOTA_* defaults
+    batch = service.client.post("/chat", json={"prompt": "hi"}, headers={"Authorization": f"Bearer {BATCH_TOKEN}"})
+    assert batch.status_code == 200
+    assert not [name for name in batch.headers if name.startswith("x-ratelimit")]
+    ops = service.client.post("/chat", json={"prompt": "hi"}, headers={"Authorization": f"Bearer {OPS_TOKEN}"})
+    assert ops.headers["x-ratelimit-remaining-requests"] == "1"
+
+
 def test_env_tokens_keep_their_key_id(fake: FakeGroq, start_service: Any) -> None:
     service = start_service(groq_env(fake, SERVICE_API_KEYS=OPS_TOKEN, QUOTA_REQUESTS_PER_MINUTE="1"))
     headers = {"Authorization": f"Bearer {OPS_TOKEN}"}

@@ -52,6 +52,35 @@ def test_requests_per_minute_burst_then_429_with_the_real_wait_then_passes(fake:
     assert service.client.post("/chat", json=PROMPT).status_code == 200
 
 
+def test_tokens_per_rolling_minute_refuse_until_the_oldest_reservations_leave(
+    fake: FakeGroq, start_service: Any
+) -> None:
+    fake.default.usage = False  # no usage: each reservation stands
+    service = start_service(groq_env(fake, QUOTA_TOKENS_PER_MINUTE="200"), quota_minute=0.9)
+    assert service.client.post("/chat", json={"prompt": "hi", "max_tokens": 10}).status_code == 200
+    time.sleep(0.05)  # the next reservation lands in a later slice of the window
+    assert service.client.post("/chat", json=PROMPT).status_code == 200
+    refused = service.client.post("/chat", json=PROMPT)  # needs both earlier reservations gone
+    assert refused.status_code == 429
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["message"] == "This client is over its quota of 200 tokens per minute; retry in 1 s."
+    assert service.client.get("/readyz").json() == {"status": "ready"}
+    time.sleep(1)
+    again = service.client.post("/chat", json=PROMPT)
+    assert again.status_code == 200
+    assert again.headers["x-ratelimit-remaining-tokens"] == str(200 - PROMPT_COST - 100)
+
+
+def test_the_limit_named_is_the_one_with_the_longest_wait(fake: FakeGroq, start_service: Any) -> None:
+    env = groq_env(fake, QUOTA_REQUESTS_PER_MINUTE="1", QUOTA_TOKENS_PER_MINUTE=str(PROMPT_COST + 150))
+    service = start_service(env)
+    assert service.client.post("/chat", json=PROMPT).status_code == 200
+    fake.default.usage = False
+    refused = service.client.post("/chat", json={"prompt": "hi", "max_tokens": 150})  # over both limits
+    assert refused.status_code == 429
+    assert service.access_lines(2)[1]["quota"] == "requests_per_minute"
+
+
 def concurrent_posts(url: str, path: str, bodies: list[dict[str, Any]]) -> list[httpx.Response]:
     """All requests at once, each on its own connection."""
     answers: list[httpx.Response] = []
@@ -266,3 +295,9 @@ def test_redis_url_without_the_package_is_one_clear_start_up_line() -> None:
         "configuration error: REDIS_URL is set but the redis package is not installed: "
         "pip install --require-hashes -r requirements-redis.txt"
     )
+
+
+def test_the_redis_requirement_is_pinned_with_hashes() -> None:
+    from test_audit import pins
+
+    assert list(pins(ROOT / "requirements-redis.txt")) == ["redis"]
