@@ -65,11 +65,8 @@ def create_app(settings: Settings) -> Starlette:
         Middleware(RequestLog, secrets=settings.secrets()),
         *(cors if settings.cors_origins else []),
         Middleware(Authorize, keys=settings.service_api_keys, clients=settings.service_keys),
+        *([Middleware(service.quota.gate)] if service.quota else []),
     ]
-    if service.quota is not None:  # quotas: innermost, on the Groq-calling routes
-        import quota
-
-        middleware.append(Middleware(quota.QuotaGate, quota=service.quota))
     app = Starlette(
         routes=routes,
         middleware=middleware,
@@ -88,8 +85,8 @@ class Service:
         self.upstream: Upstream | None = None
         self.in_flight = 0
         self.draining = False
-        self.quota: quota.Quota | None = None  # imported only when a limit is set
-        if settings.quotas_on():
+        self.quota: quota.Quota | None = None
+        if settings.quotas_on():  # quota.py (and quota_redis.py) imported only when a limit is set
             import quota
 
             self.quota = quota.build(settings)
@@ -108,7 +105,7 @@ class Service:
             if self.upstream is not None:
                 await self.upstream.aclose()
             if self.quota is not None:
-                await self.quota.store.aclose()
+                await self.quota.aclose()
 
     async def status(self, request: Request) -> Response:
         return _json({"status": "ok", "service": "Groq Starlette Service"})
@@ -121,7 +118,7 @@ class Service:
             return _json({"status": "not_ready", "reason": "shutting down"}, 503)
         if self.upstream is None:
             return _json({"status": "not_ready", "reason": "GROQ_API_KEY is not set"}, 503)
-        if self.quota is not None and not await self.quota.store.ready():
+        if self.quota is not None and not await self.quota.ready():
             return _json({"status": "not_ready", "reason": "the quota store (Redis) cannot be reached"}, 503)
         return _json({"status": "ready"})
 
@@ -153,17 +150,9 @@ class Service:
         await self._admit(request, body["messages"], body.get("max_completion_tokens") or body.get("max_tokens"))
         if completion.stream:
             self._acquire()
-            strip_usage = self.quota is not None and not (body.get("stream_options") or {}).get("include_usage")
-            if strip_usage:  # quotas settle to Groq's usage: ask for it, and take its chunk out again
-                body = {**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
-            events = upstream.stream_events(body)
-            return await streaming.start(
-                events,
-                streaming.relay_encoder(fields, strip_usage),
-                streaming.openai_error_event,
-                fields,
-                self._release,
-            )
+            body, strip_usage = self.quota.ask_for_usage(body) if self.quota else (body, False)
+            events, encode = upstream.stream_events(body), streaming.relay_encoder(fields, strip_usage)
+            return await streaming.start(events, encode, streaming.openai_error_event, fields, self._release)
         with self._slot(fields):
             raw, data = await upstream.complete(completion.body)
         streaming.note_completion(fields, data)

@@ -2,15 +2,15 @@
 
 Imported only when a limit is set. A request reserves an estimate when it is admitted (one atomic step), and
 `QuotaGate` settles it to Groq's reported usage once the answer is over, however it ends. The counts live in
-this process (`Local`) or, with REDIS_URL, in Redis (`quota_redis.Shared`); both return the same `Raw` figures.
+this process (`quota_local.Local`) or, with REDIS_URL, in Redis (`quota_redis.Shared`); both return `Raw` figures.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import time
-from dataclasses import dataclass, field
+from collections.abc import Awaitable
+from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 import anyio
@@ -25,7 +25,7 @@ GROQ_ROUTES = frozenset(
     {"/chat", "/openai/v1/chat/completions", "/v1/chat/completions", "/openai/v1/models", "/v1/models"}
 )
 _NAMES = ("", "requests_per_minute", "tokens_per_minute", "tokens_per_day")
-_NEVER = -1.0
+NEVER = -1.0
 _NOT_SENT = frozenset({"overloaded", "not_configured"})  # refused by the service itself: refund everything
 _NOT_GENERATED = frozenset({"upstream_rejected", "upstream_auth", "rate_limited", "upstream_unreachable"})
 
@@ -40,7 +40,7 @@ class Raw(NamedTuple):
     """One admission's outcome, in seconds; the same from both stores."""
 
     refused: int  # 0 admitted, else the index in _NAMES of the limit with the longest wait
-    wait: float  # seconds until it would pass; _NEVER when the request alone is over the limit
+    wait: float  # seconds until it would pass; NEVER when the request alone is over the limit
     requests_remaining: int
     requests_reset: float
     minute_used: int
@@ -88,6 +88,23 @@ class Quota:
     def limits(self, client: ServiceKey) -> Limits:
         own = (client.requests_per_minute, client.tokens_per_minute, client.tokens_per_day)
         return Limits(*(mine or default or 0 for mine, default in zip(own, self._defaults, strict=True)))
+
+    def gate(self, app: ASGIApp) -> QuotaGate:
+        return QuotaGate(app, self)
+
+    def ready(self) -> Awaitable[bool]:
+        return self.store.ready()
+
+    def aclose(self) -> Awaitable[None]:
+        return self.store.aclose()
+
+    @staticmethod
+    def ask_for_usage(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """A relayed stream asks Groq for its usage chunk; True when the client did not, so the relay drops it."""
+        options = body.get("stream_options") or {}
+        if options.get("include_usage"):
+            return body, False
+        return {**body, "stream_options": {**options, "include_usage": True}}, True
 
     async def admit(self, scope: Scope, prompt: object, max_tokens: object) -> None:
         """Reserve this request's estimate (prompt bytes / 4 + its max tokens), or raise QuotaExceeded."""
@@ -160,96 +177,10 @@ class QuotaGate:
                     await self.quota.settle(admission.ticket, scope[LOG_FIELDS])
 
 
-class Local:
-    """The counts in this process: one worker only (config refuses WORKERS > 1 without REDIS_URL)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self._minute = settings.quota_minute
-        self._day = settings.quota_day
-        self._state: dict[str, _State] = {}
-
-    async def admit(self, client: str, limits: Limits, cost: int, commit: bool) -> Raw:
-        state = self._state.setdefault(client, _State())
-        now = time.time()
-        rpm, tpm, tpd = limits
-        refused, wait = 0, 0.0
-        interval = self._minute / rpm if rpm else 0.0
-        tat = max(state.tat, now) + (interval if commit else 0.0)
-        if rpm and tat - now > self._minute + 1e-9:
-            refused, wait = _worse(refused, wait, 1, tat - self._minute - now)
-        width = self._minute / 60
-        bucket = math.floor(now / width)
-        for old in [b for b in state.buckets if b <= bucket - 60]:
-            del state.buckets[old]
-        minute_used = sum(state.buckets.values())
-        if tpm and minute_used + cost > tpm:
-            refused, wait = _worse(refused, wait, 2, _minute_wait(state.buckets, minute_used + cost - tpm, width, now))
-        day = math.floor(now / self._day)
-        if state.day != day:
-            state.day, state.day_used = day, 0
-        if tpd and state.day_used + cost > tpd:
-            refused, wait = _worse(refused, wait, 3, _NEVER if cost > tpd else (day + 1) * self._day - now)
-        if commit and not refused:
-            state.tat = tat if rpm else state.tat
-            if tpm:
-                state.buckets[bucket] = state.buckets.get(bucket, 0) + cost
-                minute_used += cost
-            state.day_used += cost if tpd else 0
-        else:
-            tat -= interval if commit else 0.0
-        remaining = math.floor((self._minute - (tat - now)) / interval + 1e-9) if rpm else 0
-        newest = max((b for b, used in state.buckets.items() if used), default=None)
-        minute_reset = 0.0 if newest is None else (newest + 60) * width - now
-        return Raw(
-            refused, wait, remaining, tat - now, minute_used, minute_reset, state.day_used,
-            (day + 1) * self._day - now, bucket, day,
-        )  # fmt: skip
-
-    async def settle(self, ticket: Ticket, tokens: int | None, refund_request: bool) -> None:
-        state = self._state[ticket.client]
-        if refund_request and ticket.limits.requests_per_minute:
-            state.tat -= self._minute / ticket.limits.requests_per_minute
-        delta = 0 if tokens is None else tokens - ticket.cost
-        if delta and ticket.bucket in state.buckets:
-            state.buckets[ticket.bucket] += delta
-        if delta and state.day == ticket.day and ticket.limits.tokens_per_day:
-            state.day_used += delta
-
-    async def ready(self) -> bool:
-        return True
-
-    async def aclose(self) -> None:
-        return None
-
-
-@dataclass(slots=True)
-class _State:
-    tat: float = 0.0
-    buckets: dict[int, int] = field(default_factory=dict)  # tokens per 1/60 of the minute
-    day: int = 0
-    day_used: int = 0
-
-
-def _worse(refused: int, wait: float, limit: int, limit_wait: float) -> tuple[int, float]:
-    """Keep the refusal with the longest wait (a request over a whole limit waits forever)."""
-    if wait == _NEVER or (refused and limit_wait != _NEVER and limit_wait <= wait):
-        return refused, wait
-    return limit, limit_wait
-
-
-def _minute_wait(buckets: dict[int, int], over: int, width: float, now: float) -> float:
-    """Seconds until enough of the oldest reservations leave the rolling minute to free `over` tokens."""
-    for bucket in sorted(buckets):
-        over -= buckets[bucket]
-        if over <= 0:
-            return (bucket + 60) * width - now
-    return _NEVER
-
-
 def _exceeded(limits: Limits, raw: Raw, cost: int) -> errors.QuotaExceeded:
     figure = limits[raw.refused - 1]
     what = _NAMES[raw.refused].replace("_", " ")
-    if raw.wait == _NEVER:
+    if raw.wait == NEVER:
         return errors.QuotaExceeded(
             f"This request reserves {cost} tokens, more than this client's whole quota of {figure} {what}; "
             "send a shorter prompt or a lower max_tokens."
@@ -298,4 +229,6 @@ def build(settings: Settings) -> Quota:
         import quota_redis  # only with REDIS_URL
 
         return Quota(settings, quota_redis.Shared(settings))
-    return Quota(settings, Local(settings))
+    import quota_local
+
+    return Quota(settings, quota_local.Local(settings))

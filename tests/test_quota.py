@@ -273,7 +273,7 @@ def test_redis_password_is_a_secret() -> None:
 def _modules_after_building_the_app(env: dict[str, str]) -> list[str]:
     code = (
         f"import sys, app, config; app.create_app(config.load_settings({env!r})); "
-        "print(sorted(m for m in ('quota', 'quota_redis', 'keys', 'redis') if m in sys.modules))"
+        "print(sorted(m for m in ('quota', 'quota_local', 'quota_redis', 'keys', 'redis') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -282,7 +282,9 @@ def _modules_after_building_the_app(env: dict[str, str]) -> list[str]:
 
 def test_optional_modules_are_imported_only_when_turned_on() -> None:
     assert _modules_after_building_the_app({}) == []
-    assert _modules_after_building_the_app({"QUOTA_REQUESTS_PER_MINUTE": "5"}) == ["quota"]
+    assert _modules_after_building_the_app({"QUOTA_REQUESTS_PER_MINUTE": "5"}) == ["quota", "quota_local"]
+    with_redis = {"QUOTA_REQUESTS_PER_MINUTE": "5", "REDIS_URL": "redis://127.0.0.1:1/0"}
+    assert _modules_after_building_the_app(with_redis) == ["quota", "quota_redis", "redis"]
 
 
 def test_redis_url_without_the_package_is_one_clear_start_up_line() -> None:
