@@ -24,14 +24,16 @@ from quota import Limits, Raw, Ticket
 
 logger = logging.getLogger("service")
 
-# Times in microseconds; a wait of -1 means never (the request alone is over the limit). Returns, with times in
-# ms: refused limit (0 none, 1 requests, 2 tokens per minute, 3 per day), wait, requests remaining, requests
-# reset, minute used, minute reset, day used, day reset, bucket, day.
+# ARGV[1]: requests per minute, tokens per minute, tokens per day (0: unlimited), cost, minute and day lengths,
+# 1 to book (0 to look only), in one string (each argument costs redis-py an encoding). Times in microseconds; a wait of -1 means never (the request alone is over the limit). Returns one string (one
+# reply to parse, not ten) of, with times in ms: refused limit (0 none, 1 requests, 2 tokens per minute, 3 per
+# day), wait, requests remaining, requests reset, minute used, minute reset, day used, day reset, bucket, day.
 _ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local rpm, tpm, tpd, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local minute, daylen, commit = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7] == '1'
+local a = {}
+for v in string.gmatch(ARGV[1], '%S+') do a[#a + 1] = tonumber(v) end
+local rpm, tpm, tpd, cost, minute, daylen, commit = a[1], a[2], a[3], a[4], a[5], a[6], a[7] == 1
 local refused, wait = 0, 0
 local function worse(limit, w)
   if wait == -1 or (refused > 0 and w ~= -1 and w <= wait) then return end
@@ -91,9 +93,9 @@ local minute_reset = 0
 for _, e in ipairs(buckets) do
   if e[2] ~= 0 then minute_reset = math.max(minute_reset, (e[1] + 60) * width - now) end
 end
-local function ms(us) if us < 0 then return -1 end return math.ceil(us / 1000) end
-return {refused, ms(wait), remaining, ms(tat - now), used, ms(minute_reset), day_used,
-  ms((day + 1) * daylen - now), string.format('%.0f', bucket), string.format('%.0f', day)}
+local function ms(us) if us < 0 then return '-1' end return string.format('%.0f', math.ceil(us / 1000)) end
+return table.concat({refused, ms(wait), string.format('%.0f', remaining), ms(tat - now), used, ms(minute_reset),
+  day_used, ms((day + 1) * daylen - now), string.format('%.0f', bucket), string.format('%.0f', day)}, ' ')
 """
 
 # ARGV: the tokens to add (usage minus reservation), the reservation's bucket and day, microseconds to give
@@ -117,8 +119,10 @@ class Shared:
     def __init__(self, settings: Settings) -> None:
         assert settings.redis_url is not None
         timeout = settings.redis_timeout
+        # No socket_timeout: every call runs under asyncio.timeout (redis-py then drops the connection), which
+        # costs no extra task per command as redis-py's own wait_for does on Python 3.11.
         self._redis = redis.asyncio.Redis.from_url(
-            settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0)
+            settings.redis_url, socket_timeout=None, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0)
         )
         self._admit = self._redis.register_script(_ADMIT)
         self._settle = self._redis.register_script(_SETTLE)
@@ -129,13 +133,13 @@ class Shared:
         self._down = False
 
     async def admit(self, client: str, limits: Limits, cost: int, commit: bool) -> Raw | None:
-        args = [*limits, cost, self._minute, self._day, int(commit)]
-        result = await self._call(lambda: self._admit(keys=_keys(client), args=args))
+        args = " ".join(map(str, (*limits, cost, self._minute, self._day, int(commit))))
+        result = await self._call(lambda: self._admit(keys=_keys(client), args=[args]))
         if result is None:
             if self._open:
                 return None
             raise errors.QuotaUnavailable("The quota store (Redis) cannot be reached, so requests cannot be counted.")
-        r = [int(x) for x in result]
+        r = [int(x) for x in result.split()]
         seconds = [x / 1000 if x >= 0 else -1.0 for x in (r[1], r[3], r[5], r[7])]
         return Raw(r[0], seconds[0], r[2], seconds[1], r[4], seconds[2], r[6], seconds[3], r[8], r[9])
 
@@ -143,7 +147,8 @@ class Shared:
         rpm = ticket.limits.requests_per_minute
         back = self._minute // rpm if refund_request and rpm else 0
         args = [0 if tokens is None else tokens - ticket.cost, ticket.bucket, ticket.day, back]
-        await self._call(lambda: self._settle(keys=_keys(ticket.client), args=args))
+        if args[0] or back:
+            await self._call(lambda: self._settle(keys=_keys(ticket.client), args=args))
 
     async def ready(self) -> bool:
         return self._open or await self._call(self._redis.ping) is not None
