@@ -25,9 +25,10 @@ from quota import Limits, Raw, Ticket
 logger = logging.getLogger("service")
 
 # ARGV[1]: requests per minute, tokens per minute, tokens per day (0: unlimited), cost, minute and day lengths,
-# 1 to book (0 to look only), in one string (each argument costs redis-py an encoding). Times in microseconds; a wait of -1 means never (the request alone is over the limit). Returns one string (one
-# reply to parse, not ten) of, with times in ms: refused limit (0 none, 1 requests, 2 tokens per minute, 3 per
-# day), wait, requests remaining, requests reset, minute used, minute reset, day used, day reset, bucket, day.
+# 1 to book (0 to look only), in one string (each argument costs redis-py an encoding). Times in microseconds;
+# a wait of -1 means never (the request alone is over the limit). Returns one string (one reply to parse, not
+# ten): refused limit (0 none, 1 requests, 2 tokens per minute, 3 per day), wait, requests remaining, requests
+# reset, minute used, minute reset, day used, day reset (times in ms), bucket, day.
 _ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])

@@ -303,3 +303,17 @@ def test_the_redis_requirement_is_pinned_with_hashes() -> None:
     from test_audit import pins
 
     assert list(pins(ROOT / "requirements-redis.txt")) == ["redis"]
+
+
+def test_the_openai_sdk_raises_its_rate_limit_error(fake: FakeGroq, start_service: Any) -> None:
+    import openai
+
+    service = start_service(groq_env(fake, QUOTA_REQUESTS_PER_MINUTE="1"))
+    client = openai.OpenAI(base_url=service.url + "/v1", api_key="unused-on-loopback", max_retries=0)
+    messages: Any = [{"role": "user", "content": "hi"}]
+    client.chat.completions.create(model="openai/gpt-oss-20b", messages=messages)
+    with pytest.raises(openai.RateLimitError) as raised:
+        client.chat.completions.create(model="openai/gpt-oss-20b", messages=messages)
+    assert raised.value.code == "rate_limit_exceeded"
+    assert raised.value.response.headers["retry-after"] == "60"
+    client.close()
