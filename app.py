@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -26,9 +26,12 @@ import logging_config
 import streaming
 from config import Settings, SettingsError, load_settings
 from llm import Upstream
-from middleware import LOG_FIELDS, Authorize, Cors, RequestLog, elapsed_ms, error_response
+from middleware import CLIENT, LOG_FIELDS, Authorize, Cors, RequestLog, elapsed_ms, error_response
 from sdk_validation import parse_completion
 from validation import parse_chat
+
+if TYPE_CHECKING:
+    import quota
 
 logger = logging.getLogger("service")
 _JSON = "application/json"
@@ -56,11 +59,12 @@ def create_app(settings: Settings) -> Starlette:
         )
     ]
     # Real order, outermost first: Starlette's ServerErrorMiddleware -> RequestLog -> CORS (if set)
-    # -> Authorize -> Starlette's ExceptionMiddleware -> router.
+    # -> Authorize -> QuotaGate (if a quota is set) -> Starlette's ExceptionMiddleware -> router.
     middleware = [
         Middleware(RequestLog, secrets=settings.secrets()),
         *(cors if settings.cors_origins else []),
-        Middleware(Authorize, keys=settings.service_api_keys),
+        Middleware(Authorize, keys=settings.service_api_keys, clients=settings.service_keys),
+        *([Middleware(service.quota.gate)] if service.quota else []),
     ]
     app = Starlette(
         routes=routes,
@@ -80,6 +84,11 @@ class Service:
         self.upstream: Upstream | None = None
         self.in_flight = 0
         self.draining = False
+        self.quota: quota.Quota | None = None
+        if settings.quotas_on():  # quota.py (and quota_redis.py) imported only when a limit is set
+            import quota
+
+            self.quota = quota.build(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -87,13 +96,15 @@ class Service:
             self.upstream = Upstream(self.settings)
         else:
             logger.warning("GROQ_API_KEY is not set: the service starts, but /chat answers 503 not_configured")
-        if not self.settings.service_api_keys:
+        if not self.settings.service_api_keys and not self.settings.service_keys:
             logger.warning("SERVICE_API_KEYS is not set: /chat answers loopback clients only")
         try:
             yield {"client_timeout": self.settings.client_timeout}
         finally:
             if self.upstream is not None:
                 await self.upstream.aclose()
+            if self.quota is not None:
+                await self.quota.aclose()
 
     async def status(self, request: Request) -> Response:
         return _json({"status": "ok", "service": "Groq Starlette Service"})
@@ -106,13 +117,16 @@ class Service:
             return _json({"status": "not_ready", "reason": "shutting down"}, 503)
         if self.upstream is None:
             return _json({"status": "not_ready", "reason": "GROQ_API_KEY is not set"}, 503)
+        if self.quota is not None and not await self.quota.ready():
+            return _json({"status": "not_ready", "reason": "the quota store (Redis) cannot be reached"}, 503)
         return _json({"status": "ready"})
 
     async def chat(self, request: Request) -> Response:
         upstream = self._upstream()
-        chat = parse_chat(await self._read_json(request), allowed_models=self.settings.allowed_models)
+        chat = parse_chat(await self._read_json(request), allowed_models=self._allowed_models(request))
         model = chat.model or self.settings.groq_model
         fields = self._log_request(request, model, chat.messages)
+        await self._admit(request, chat.messages, chat.params.get("max_tokens"))
         if chat.stream:
             self._acquire()
             pieces = upstream.chat_stream(chat.messages, model, chat.params)
@@ -129,26 +143,27 @@ class Service:
     async def completions(self, request: Request) -> Response:
         """The groq and openai SDKs' own route: Groq's body and stream relayed as Groq sent them."""
         upstream = self._upstream()
-        completion = parse_completion(await self._read_json(request), allowed_models=self.settings.allowed_models)
+        completion = parse_completion(await self._read_json(request), allowed_models=self._allowed_models(request))
         fields = self._log_request(request, completion.model, completion.body["messages"])
+        body = completion.body
+        await self._admit(request, body["messages"], body.get("max_completion_tokens") or body.get("max_tokens"))
         if completion.stream:
             self._acquire()
-            events = upstream.stream_events(completion.body)
-            return await streaming.start(
-                events, streaming.relay_encoder(fields), streaming.openai_error_event, fields, self._release
-            )
+            body, strip_usage = self.quota.ask_for_usage(body) if self.quota else (body, False)
+            events, encode = upstream.stream_events(body), streaming.relay_encoder(fields, strip_usage)
+            return await streaming.start(events, encode, streaming.openai_error_event, fields, self._release)
         with self._slot(fields):
             raw, data = await upstream.complete(completion.body)
         streaming.note_completion(fields, data)
         return Response(raw, media_type=_JSON)
 
     async def models(self, request: Request) -> Response:
+        await self._admit(request, None, 0)
         with self._slot(request.scope[LOG_FIELDS]):
             listing = await self._upstream().models()
-        if self.settings.allowed_models and isinstance(listing.get("data"), list):
-            listing["data"] = [
-                m for m in listing["data"] if isinstance(m, dict) and m.get("id") in self.settings.allowed_models
-            ]
+        allowed = self._allowed_models(request)
+        if allowed and isinstance(listing.get("data"), list):
+            listing["data"] = [m for m in listing["data"] if isinstance(m, dict) and m.get("id") in allowed]
         return _json(listing)
 
     def _log_request(self, request: Request, model: str, messages: object) -> dict[str, Any]:
@@ -158,6 +173,16 @@ class Service:
             fields["messages"] = messages
             fields["completion"] = ""
         return fields
+
+    async def _admit(self, request: Request, prompt: object, max_tokens: object) -> None:
+        """Quotas (quota.py), when set: reserve the request's tokens or refuse it with 429, before Groq is called.
+        quota.QuotaGate settles the reservation to Groq's usage (fields' token counts) when the answer is over."""
+        if self.quota is not None:
+            await self.quota.admit(request.scope, prompt, max_tokens)
+
+    def _allowed_models(self, request: Request) -> tuple[str, ...]:
+        client = request.scope.get(CLIENT)  # a SERVICE_KEYS_FILE entry may narrow ALLOWED_MODELS
+        return client.allowed_models if client is not None and client.allowed_models else self.settings.allowed_models
 
     @contextlib.contextmanager
     def _slot(self, fields: dict[str, Any]) -> Iterator[None]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
@@ -18,6 +20,18 @@ class SettingsError(ValueError):
     """A variable holds a value the service cannot run with; the message names it and what it accepts."""
 
     log_format = "json"  # how to report it: the LOG_FORMAT that was asked for, if that much was valid
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceKey:
+    """A client: its name in logs and quotas, its token's SHA-256, and its own limits (None: the defaults)."""
+
+    name: str
+    sha256: bytes = field(repr=False)
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    tokens_per_day: int | None = None
+    allowed_models: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,10 +56,27 @@ class Settings:
     shutdown_timeout: float = 30.0
     cors_origins: tuple[str, ...] = ()
     forwarded_allow_ips: str = ""
+    service_keys: tuple[ServiceKey, ...] = ()  # from SERVICE_KEYS_FILE
+    quota_requests_per_minute: int | None = None
+    quota_tokens_per_minute: int | None = None
+    quota_tokens_per_day: int | None = None
+    quota_default_reserve: int = 1024
+    redis_url: str | None = field(default=None, repr=False)
+    quota_fail_mode: str = "closed"
+    redis_timeout: float = 0.25
+    # The quota windows in seconds: settable only through the library (tests), never by a variable.
+    quota_minute: float = 60.0
+    quota_day: float = 86400.0
 
     def secrets(self) -> tuple[str, ...]:
-        """What must never reach a log line or a client: the Groq key and the client tokens."""
-        return tuple(s for s in (self.groq_api_key, *self.service_api_keys) if s)
+        """What must never reach a log line or a client: the Groq key, the client tokens, Redis's password."""
+        redis_password = urlsplit(self.redis_url).password if self.redis_url else None
+        return tuple(s for s in (self.groq_api_key, *self.service_api_keys, redis_password) if s)
+
+    def quotas_on(self) -> bool:
+        limits = (self.quota_requests_per_minute, self.quota_tokens_per_minute, self.quota_tokens_per_day)
+        keys = (k.requests_per_minute or k.tokens_per_minute or k.tokens_per_day for k in self.service_keys)
+        return any(limits) or any(keys)
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -83,10 +114,46 @@ def _parse(environ: Mapping[str, str]) -> Settings:
         shutdown_timeout=env.seconds("SHUTDOWN_TIMEOUT", default.shutdown_timeout),
         cors_origins=env.csv("CORS_ORIGINS"),
         forwarded_allow_ips=environ.get("FORWARDED_ALLOW_IPS", "").strip(),
+        service_keys=_keys_file(env.path("SERVICE_KEYS_FILE"), environ),
+        quota_requests_per_minute=env.limit("QUOTA_REQUESTS_PER_MINUTE"),
+        quota_tokens_per_minute=env.limit("QUOTA_TOKENS_PER_MINUTE"),
+        quota_tokens_per_day=env.limit("QUOTA_TOKENS_PER_DAY"),
+        quota_default_reserve=env.integer("QUOTA_DEFAULT_RESERVE", default.quota_default_reserve, 1, 10_000_000),
+        redis_url=env.redis_url("REDIS_URL"),
+        quota_fail_mode=env.choice("QUOTA_FAIL_MODE", default.quota_fail_mode, ("closed", "open")),
+        redis_timeout=env.seconds("REDIS_TIMEOUT", default.redis_timeout),
     )
     if settings.allowed_models and settings.groq_model not in settings.allowed_models:
         raise SettingsError(f"GROQ_MODEL {settings.groq_model!r} must be one of ALLOWED_MODELS")
+    _check_quotas(settings)
     return settings
+
+
+def _keys_file(path: str | None, environ: Mapping[str, str]) -> tuple[ServiceKey, ...]:
+    if path is None:
+        return ()
+    if environ.get("SERVICE_API_KEYS", "").strip():
+        raise SettingsError("Set SERVICE_API_KEYS or SERVICE_KEYS_FILE, not both")
+    import keys  # only with a keys file
+
+    return keys.load(path)
+
+
+def _check_quotas(settings: Settings) -> None:
+    for key in settings.service_keys:
+        if key.allowed_models and settings.groq_model not in key.allowed_models:
+            raise SettingsError(f"SERVICE_KEYS_FILE entry {key.name!r}: allowed_models must include GROQ_MODEL")
+        if settings.allowed_models and not set(key.allowed_models) <= set(settings.allowed_models):
+            raise SettingsError(f"SERVICE_KEYS_FILE entry {key.name!r}: allowed_models must be among ALLOWED_MODELS")
+    if settings.redis_url and not settings.quotas_on():
+        raise SettingsError("REDIS_URL is set but no quota is: set a QUOTA_* limit (or one in SERVICE_KEYS_FILE)")
+    if settings.workers > 1 and settings.quotas_on() and not settings.redis_url:
+        raise SettingsError("WORKERS > 1 with a quota needs REDIS_URL: each worker would count alone")
+    if settings.redis_url and importlib.util.find_spec("redis") is None:
+        raise SettingsError(
+            "REDIS_URL is set but the redis package is not installed: "
+            "pip install --require-hashes -r requirements-redis.txt"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +171,18 @@ class _Reader:
         if not re.fullmatch(r"[0-9]+", raw) or not low <= int(raw) <= high:
             raise SettingsError(f"{name} must be a whole number from {low} to {high} (got {raw!r})")
         return int(raw)
+
+    def limit(self, name: str) -> int | None:
+        return None if self._raw(name) is None else self.integer(name, 0, 1, 10**12)
+
+    def path(self, name: str) -> str | None:
+        return self._raw(name)
+
+    def redis_url(self, name: str) -> str | None:
+        raw = self._raw(name)
+        if raw is not None and not re.fullmatch(r"rediss?://[^\s/?#]+(/[0-9]{0,5})?", raw):
+            raise SettingsError(f"{name} must look like redis://host:port/db or rediss://... (its value is not shown)")
+        return raw
 
     def seconds(self, name: str, default: float) -> float:
         raw = self._raw(name)

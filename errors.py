@@ -8,8 +8,10 @@ ServiceError                      500 internal_error (fixed message; the cause i
 ├── UnsupportedMediaType          415 unsupported_media_type
 ├── ValidationError               422 validation_error (with details)
 ├── HeadersTooLarge               431 headers_too_large
+├── QuotaExceeded                 429 quota_exceeded (code rate_limit_exceeded on the SDK routes)
 ├── Overloaded / NotConfigured    503 overloaded / not_configured
 ├── UpstreamBusy                  503 upstream_busy (Groq's 498: its flex tier is at capacity; raised by llm.py)
+├── QuotaUnavailable              503 quota_unavailable (Redis unreachable, QUOTA_FAIL_MODE=closed)
 └── from Groq (raised by llm.py): UpstreamRejected (Groq's 400/404/413/422), UpstreamAuth 502,
     RateLimited 429, UpstreamError 502, UpstreamUnreachable 502, UpstreamTimeout 504
 """
@@ -22,6 +24,7 @@ import json
 class ServiceError(Exception):
     status = 500
     type = "internal_error"
+    code: str | None = None  # the OpenAI `code` when it is not the type
 
     def __init__(
         self,
@@ -46,7 +49,7 @@ class ServiceError(Exception):
         """The error envelope; `openai=True` adds `code`, which the OpenAI and groq SDKs read."""
         error: dict[str, object] = {"type": self.type, "message": self.message, "request_id": request_id}
         if openai:
-            error["code"] = self.type
+            error["code"] = self.code or self.type
         if self.details:
             error["details"] = list(self.details)
         return json.dumps({"error": error}, ensure_ascii=False).encode()
@@ -102,6 +105,14 @@ class NotConfigured(ServiceError):
 
 class UpstreamBusy(ServiceError):
     status, type = 503, "upstream_busy"
+
+
+class QuotaExceeded(ServiceError):
+    status, type, code = 429, "quota_exceeded", "rate_limit_exceeded"
+
+
+class QuotaUnavailable(ServiceError):
+    status, type = 503, "quota_unavailable"
 
 
 class UpstreamRejected(ServiceError):

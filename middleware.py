@@ -22,10 +22,13 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import logging_config
+from config import ServiceKey
 from errors import InvalidRequest, ServiceError, Unauthorized
 
 logger = logging.getLogger("service")
 LOG_FIELDS = "service.log_fields"  # scope key: the dict that becomes the request's access line
+CLIENT = "service.client"  # scope key: the ServiceKey of the caller, set by Authorize (quotas and models use it)
+LOCAL = ServiceKey("local", b"")  # every loopback caller when no token is configured: one client
 OPEN_PATHS = frozenset({"/", "/healthz", "/readyz"})
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
@@ -87,9 +90,12 @@ class Authorize:
     Decided on the raw `scope["path"]`, never on a URL rebuilt from the Host header.
     """
 
-    def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...], clients: tuple[ServiceKey, ...] = ()) -> None:
         self.app = app
-        self._digests = {hashlib.sha256(k.encode()).digest(): hashlib.sha256(k.encode()).hexdigest()[:8] for k in keys}
+        digests = [(hashlib.sha256(k.encode()).digest(), hashlib.sha256(k.encode()).hexdigest()[:8]) for k in keys]
+        # Tokens from SERVICE_API_KEYS are known by an 8-hex key_id, entries of SERVICE_KEYS_FILE by their name.
+        self._digests = {c.sha256: c for c in clients} or {d: ServiceKey(key_id, d) for d, key_id in digests}
+        self._log_as = "key" if clients else "key_id"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         refusal = None if scope["type"] != "http" or scope["path"] in OPEN_PATHS else self._refusal(scope)
@@ -102,23 +108,25 @@ class Authorize:
     def _refusal(self, scope: Scope) -> ServiceError | None:
         if not self._digests:
             if _is_loopback(scope.get("client")):
+                scope[CLIENT] = LOCAL
                 return None
             return Unauthorized("Only loopback clients may call this service until the operator sets SERVICE_API_KEYS.")
-        key_id = self._key_id(scope)
-        if key_id is None:
+        client = self._client(scope)
+        if client is None:
             message = "A valid service token is required: send Authorization: Bearer <token>."
             return Unauthorized(message, headers={"WWW-Authenticate": "Bearer"})
-        scope[LOG_FIELDS]["key_id"] = key_id
+        scope[LOG_FIELDS][self._log_as] = client.name
+        scope[CLIENT] = client
         return None
 
-    def _key_id(self, scope: Scope) -> str | None:
+    def _client(self, scope: Scope) -> ServiceKey | None:
         header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
         scheme, _, token = header.partition(b" ")
         digest = hashlib.sha256(token.strip()).digest()
         found = None
-        for known, key_id in self._digests.items():  # compare with every key, in constant time
+        for known, client in self._digests.items():  # compare with every key, in constant time
             if hmac.compare_digest(digest, known) and scheme.lower() == b"bearer":
-                found = key_id
+                found = client
         return found
 
 

@@ -101,14 +101,19 @@ def chat_encoder(fields: dict[str, Any]) -> Callable[[list[tuple[str, str]] | Ch
     return encode
 
 
-def relay_encoder(fields: dict[str, Any]) -> Callable[[list[tuple[bytes, Any]]], bytes]:
-    """Groq's own events, byte for byte; only usage (and text, with LOG_PROMPTS) is read for the log."""
+def relay_encoder(fields: dict[str, Any], strip_usage: bool = False) -> Callable[[list[tuple[bytes, Any]]], bytes]:
+    """Groq's own events, byte for byte; only usage (and text, with LOG_PROMPTS) is read for the log.
+    `strip_usage` drops the usage-only chunk the client did not ask for (quotas ask Groq for it)."""
 
     def encode(events: list[tuple[bytes, Any]]) -> bytes:
         for _, data in events:
             if isinstance(data, dict):
                 note_completion(fields, data)
-        return b"\n\n".join([raw for raw, _ in events]) + b"\n\n"
+        if strip_usage:
+            events = [
+                e for e in events if not (isinstance(e[1], dict) and e[1].get("choices") == [] and "usage" in e[1])
+            ]
+        return b"\n\n".join([raw for raw, _ in events]) + b"\n\n" if events else b""
 
     return encode
 

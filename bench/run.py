@@ -14,6 +14,7 @@ import asyncio
 import datetime
 import http.client
 import json
+import math
 import os
 import platform
 import re
@@ -307,6 +308,7 @@ def one_run(
     row["timeouts"] += row.pop("cap16_timeouts")
     row["floor_us_c1"] = sdk_floor_us(python, fake_url, "openai/gpt-oss-20b", 1, seconds)
     row["floor_us_c64_delay50"] = sdk_floor_us(python, fake_url, "bench/delay50", 64, seconds)
+    row |= quota_overhead(python, fake_url, seconds, wrk)
     row["ratio_c1"] = row["cpu_us_c1"] / row["floor_us_c1"]
     row["ratio_c64_delay50"] = row["cpu_us_c64_delay50"] / row["floor_us_c64_delay50"]
     return row
@@ -359,7 +361,61 @@ FIGURES = [  # key, label, target, format
     ("cold_start_ms", "cold start: process start → first 200 on / (ms)", "≤ 450", "{:.0f}"),
     ("rss_idle_mb", "RSS idle (MB)", "≤ 45", "{:.1f}"),
     ("rss_after_mb", "RSS after load (MB)", "≤ 55", "{:.1f}"),
+    ("quota_local_ratio", "CPU per /chat with an in-process quota ÷ without, c=1", "≤ 1.05", "{:.2f}"),
+    ("quota_redis_ratio", "CPU per /chat with the quota in Redis on 127.0.0.1 ÷ without, c=1", "≤ 1.15", "{:.2f}"),
 ]
+
+
+QUOTAS = {"QUOTA_REQUESTS_PER_MINUTE": "1000000000", "QUOTA_TOKENS_PER_MINUTE": "1000000000000"}
+
+
+def quota_overhead(python: str, fake_url: str, seconds: float, wrk: bool) -> dict[str, float]:
+    """Service CPU per /chat, c=1, with quotas in process and in a local redis-server, each as a ratio to the
+    same service without quotas; the three run side by side and are measured in turns, so drift hits all alike.
+    Redis's own CPU is not counted; NaN when redis-server or the redis package is missing."""
+    redis_server, port = shutil.which("redis-server"), free_port()
+    has_redis = redis_server and subprocess.run([python, "-c", "import redis"], capture_output=True).returncode == 0
+    redis = None
+    if has_redis:
+        command = [*pinned("1"), redis_server or "", "--port", str(port), "--save", "", "--appendonly", "no"]
+        redis = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    configs = {
+        "base": {},
+        "local": QUOTAS,
+        **({"redis": {**QUOTAS, "REDIS_URL": f"redis://127.0.0.1:{port}/0"}} if redis else {}),
+    }
+    services = {name: _start_with(python, fake_url, env) for name, env in configs.items()}
+    spent = dict.fromkeys(services, 0.0)
+    done = dict.fromkeys(services, 0.0)
+    try:
+        for _, url in services.values():
+            load(url, "/chat", CHAT, 1, 0.5, wrk=wrk)  # warm-up
+        for _ in range(5):
+            for name, (service, url) in services.items():
+                cpu = cpu_seconds(service.pid)
+                done[name] += load(url, "/chat", CHAT, 1, seconds / 5, wrk=wrk)["ok"]
+                spent[name] += cpu_seconds(service.pid) - cpu
+    finally:
+        for service, _ in services.values():
+            service.terminate()
+            service.wait(30)
+        if redis is not None:
+            redis.terminate()
+            redis.wait(10)
+    per_call = {name: spent[name] / done[name] for name in services}
+    redis_ratio = per_call["redis"] / per_call["base"] if "redis" in per_call else math.nan
+    return {"quota_local_ratio": per_call["local"] / per_call["base"], "quota_redis_ratio": redis_ratio}
+
+
+def _start_with(python: str, fake_url: str, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        service, url, _ = start_service(python, fake_url, 1)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return service, url
 
 
 def report(rows: list[dict[str, float]], distributions: int, meta: str) -> str:

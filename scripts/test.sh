@@ -4,11 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
-# The deployment tests run Debian's nginx, redis-server and systemd-analyze (deploy/, tests/test_deploy*.py).
-command -v systemd-analyze >/dev/null || (apt-get update -qq && apt-get install -y -qq systemd)
-[ -x /usr/sbin/nginx ] || (apt-get update -qq && apt-get install -y -qq nginx)
-command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
-.venv/bin/pip install --quiet --disable-pip-version-check --require-hashes -r requirements-dev.txt
+# The quota and deployment tests run Debian's redis-server, nginx and systemd-analyze.
+missing=""
+command -v redis-server >/dev/null || missing="$missing redis-server"
+[ -x /usr/sbin/nginx ] || missing="$missing nginx"
+command -v systemd-analyze >/dev/null || missing="$missing systemd"
+[ -z "$missing" ] || (apt-get update -qq && apt-get install -y -qq $missing)
+.venv/bin/pip install --quiet --disable-pip-version-check --require-hashes -r requirements-dev.txt -r requirements-redis.txt
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -37,8 +38,9 @@ def groq_env(fake: FakeGroq, **overrides: str) -> dict[str, str]:
 class Service:
     """The app under uvicorn in a background thread: real sockets, and coverage sees the code."""
 
-    def __init__(self, env: dict[str, str]) -> None:
-        self.settings = load_settings(env)
+    def __init__(self, env: dict[str, str], **library_settings: Any) -> None:
+        # library_settings: Settings fields no variable sets (the quota windows), as a library caller would pass them
+        self.settings = dataclasses.replace(load_settings(env), **library_settings)
         self._logs = io.StringIO()
         logging_config.configure(
             level=self.settings.log_level, fmt="json", secrets=self.settings.secrets(), stream=self._logs
@@ -88,8 +90,8 @@ def fake() -> Iterator[FakeGroq]:
 def start_service() -> Iterator[Any]:
     started: list[Service] = []
 
-    def start(env: dict[str, str]) -> Service:
-        started.append(Service(env))
+    def start(env: dict[str, str], **library_settings: Any) -> Service:
+        started.append(Service(env, **library_settings))
         return started[-1]
 
     yield start

@@ -1,0 +1,234 @@
+"""Per-client quotas: requests per minute (GCRA), tokens per rolling minute and per UTC day.
+
+Imported only when a limit is set. A request reserves an estimate when it is admitted (one atomic step), and
+`QuotaGate` settles it to Groq's reported usage once the answer is over, however it ends. The counts live in
+this process (`quota_local.Local`) or, with REDIS_URL, in Redis (`quota_redis.Shared`); both return `Raw` figures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+import anyio
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import errors
+from config import ServiceKey, Settings
+from middleware import CLIENT, LOCAL, LOG_FIELDS
+
+QUOTA = "service.quota"  # scope key: this request's `Admission`, filled by `Quota.admit`
+GROQ_ROUTES = frozenset(
+    {"/chat", "/openai/v1/chat/completions", "/v1/chat/completions", "/openai/v1/models", "/v1/models"}
+)
+_NAMES = ("", "requests_per_minute", "tokens_per_minute", "tokens_per_day")
+NEVER = -1.0
+_NOT_SENT = frozenset({"overloaded", "not_configured"})  # refused by the service itself: refund everything
+_NOT_GENERATED = frozenset({"upstream_rejected", "upstream_auth", "rate_limited", "upstream_unreachable"})
+
+
+class Limits(NamedTuple):
+    requests_per_minute: int
+    tokens_per_minute: int
+    tokens_per_day: int  # 0: unlimited
+
+
+class Raw(NamedTuple):
+    """One admission's outcome, in seconds; the same from both stores."""
+
+    refused: int  # 0 admitted, else the index in _NAMES of the limit with the longest wait
+    wait: float  # seconds until it would pass; NEVER when the request alone is over the limit
+    requests_remaining: int
+    requests_reset: float
+    minute_used: int
+    minute_reset: float
+    day_used: int
+    day_reset: float
+    bucket: int  # where the reservation was booked, for the settlement
+    day: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    client: str
+    limits: Limits
+    cost: int
+    bucket: int
+    day: int
+
+
+class Store(Protocol):
+    async def admit(self, client: str, limits: Limits, cost: int, commit: bool) -> Raw | None: ...
+    async def settle(self, ticket: Ticket, tokens: int | None, refund_request: bool) -> None: ...
+    async def ready(self) -> bool: ...
+    async def aclose(self) -> None: ...
+
+
+@dataclass(slots=True)
+class Admission:
+    ticket: Ticket | None = None
+    headers: list[tuple[bytes, bytes]] | None = None  # None: not admitted (yet), so the gate looks them up
+
+
+class Quota:
+    """The limits of each client, and the admission that reserves tokens or refuses with 429."""
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.store = store
+        self._defaults = (
+            settings.quota_requests_per_minute,
+            settings.quota_tokens_per_minute,
+            settings.quota_tokens_per_day,
+        )
+        self._reserve = settings.quota_default_reserve
+
+    def limits(self, client: ServiceKey) -> Limits:
+        own = (client.requests_per_minute, client.tokens_per_minute, client.tokens_per_day)
+        return Limits(*(mine or default or 0 for mine, default in zip(own, self._defaults, strict=True)))
+
+    def gate(self, app: ASGIApp) -> QuotaGate:
+        return QuotaGate(app, self)
+
+    def ready(self) -> Awaitable[bool]:
+        return self.store.ready()
+
+    def aclose(self) -> Awaitable[None]:
+        return self.store.aclose()
+
+    @staticmethod
+    def ask_for_usage(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """A relayed stream asks Groq for its usage chunk; True when the client did not, so the relay drops it."""
+        options = body.get("stream_options") or {}
+        if options.get("include_usage"):
+            return body, False
+        return {**body, "stream_options": {**options, "include_usage": True}}, True
+
+    async def admit(self, scope: Scope, prompt: object, max_tokens: object) -> None:
+        """Reserve this request's estimate (prompt bytes / 4 + its max tokens), or raise QuotaExceeded."""
+        admission: Admission = scope[QUOTA]
+        admission.headers = []
+        client = scope.get(CLIENT, LOCAL)
+        limits = self.limits(client)
+        if not any(limits):
+            return
+        cost = 0
+        if prompt is not None:
+            size = len(json.dumps(prompt, ensure_ascii=False).encode())
+            cost = -(-size // 4) + (max_tokens if isinstance(max_tokens, int) else self._reserve)
+        raw = await self.store.admit(client.name, limits, cost, True)  # QuotaUnavailable when down and closed
+        if raw is None:  # down, and QUOTA_FAIL_MODE=open
+            return
+        admission.headers = _headers(limits, raw)
+        if raw.refused:
+            scope[LOG_FIELDS]["quota"] = _NAMES[raw.refused]
+            raise _exceeded(limits, raw, cost)
+        admission.ticket = Ticket(client.name, limits, cost, raw.bucket, raw.day)
+
+    async def peek(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+        """The headers for an answer that reserved nothing (refused before admission)."""
+        limits = self.limits(scope[CLIENT])
+        try:
+            raw = await self.store.admit(scope[CLIENT].name, limits, 0, False) if any(limits) else None
+        except errors.QuotaUnavailable:
+            raw = None
+        return [] if raw is None else _headers(limits, raw)
+
+    async def settle(self, ticket: Ticket, fields: dict[str, Any]) -> None:
+        prompt, completion = fields.get("prompt_tokens"), fields.get("completion_tokens")
+        error = fields.get("error")
+        tokens = None  # unknown: the reservation stands
+        if isinstance(prompt, int) and isinstance(completion, int):
+            tokens = prompt + completion
+        elif error in _NOT_SENT or error in _NOT_GENERATED:
+            tokens = 0
+        fields["charged_tokens"] = ticket.cost if tokens is None else tokens
+        await self.store.settle(ticket, tokens, error in _NOT_SENT)
+
+
+class QuotaGate:
+    """Innermost middleware on the Groq-calling routes: the x-ratelimit-* headers on every answer (a stream's
+    included), and the settlement once the answer is over; shielded, so a cancelled request still pays."""
+
+    def __init__(self, app: ASGIApp, quota: Quota) -> None:
+        self.app = app
+        self.quota = quota
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in GROQ_ROUTES:
+            return await self.app(scope, receive, send)
+        admission = scope[QUOTA] = Admission()
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = admission.headers
+                if headers is None:
+                    headers = await self.quota.peek(scope) if CLIENT in scope else []
+                message["headers"] = [*message.get("headers", ()), *headers]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            if admission.ticket is not None:
+                with anyio.CancelScope(shield=True):
+                    await self.quota.settle(admission.ticket, scope[LOG_FIELDS])
+
+
+def _exceeded(limits: Limits, raw: Raw, cost: int) -> errors.QuotaExceeded:
+    figure = limits[raw.refused - 1]
+    what = _NAMES[raw.refused].replace("_", " ")
+    if raw.wait == NEVER:
+        return errors.QuotaExceeded(
+            f"This request reserves {cost} tokens, more than this client's whole quota of {figure} {what}; "
+            "send a shorter prompt or a lower max_tokens."
+        )
+    seconds = max(1, math.ceil(raw.wait))
+    message = f"This client is over its quota of {figure} {what}; retry in {seconds} s."
+    return errors.QuotaExceeded(message, retry_after=str(seconds))
+
+
+def _headers(limits: Limits, raw: Raw) -> list[tuple[bytes, bytes]]:
+    """The x-ratelimit-* headers Groq and OpenAI clients read, for the tightest limit of each kind."""
+    headers: list[tuple[bytes, bytes]] = []
+    if limits.requests_per_minute:
+        headers += _kind(b"requests", limits.requests_per_minute, raw.requests_remaining, raw.requests_reset)
+    tokens = [
+        (limits.tokens_per_minute, raw.minute_used, raw.minute_reset),
+        (limits.tokens_per_day, raw.day_used, raw.day_reset),
+    ]
+    set_limits = [(limit - used, limit, reset) for limit, used, reset in tokens if limit]
+    if set_limits:
+        remaining, limit, reset = min(set_limits)
+        headers += _kind(b"tokens", limit, remaining, reset)
+    return headers
+
+
+def _kind(kind: bytes, limit: int, remaining: int, reset: float) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"x-ratelimit-limit-" + kind, b"%d" % limit),
+        (b"x-ratelimit-remaining-" + kind, b"%d" % max(0, remaining)),
+        (b"x-ratelimit-reset-" + kind, duration(reset).encode()),
+    ]
+
+
+def duration(seconds: float) -> str:
+    """As Groq writes its resets: `7.66s`, `2m59.56s`, `1h2m3s`."""
+    hours, rest = divmod(max(0.0, round(seconds, 2)), 3600)
+    minutes, secs = divmod(rest, 60)
+    text = f"{secs:.2f}".rstrip("0").rstrip(".") + "s"
+    if hours or minutes:
+        text = f"{int(minutes)}m{text}"
+    return f"{int(hours)}h{text}" if hours else text
+
+
+def build(settings: Settings) -> Quota:
+    if settings.redis_url:
+        import quota_redis  # only with REDIS_URL
+
+        return Quota(settings, quota_redis.Shared(settings))
+    import quota_local
+
+    return Quota(settings, quota_local.Local(settings))

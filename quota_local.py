@@ -1,0 +1,100 @@
+"""The quota counts in this process: for one worker (config refuses WORKERS > 1 without REDIS_URL).
+
+The same arithmetic as quota_redis.py's Lua scripts, on the wall clock: GCRA for requests, tokens booked in
+1/60 slices of the rolling minute, and one count per UTC day. Imported only when a limit is set without REDIS_URL.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from config import Settings
+from quota import NEVER, Limits, Raw, Ticket
+
+
+class Local:
+    """The counts in this process: one worker only (config refuses WORKERS > 1 without REDIS_URL)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._minute = settings.quota_minute
+        self._day = settings.quota_day
+        self._state: dict[str, _State] = {}
+
+    async def admit(self, client: str, limits: Limits, cost: int, commit: bool) -> Raw:
+        state = self._state.setdefault(client, _State())
+        now = time.time()
+        rpm, tpm, tpd = limits
+        refused, wait = 0, 0.0
+        interval = self._minute / rpm if rpm else 0.0
+        tat = max(state.tat, now) + (interval if commit else 0.0)
+        if rpm and tat - now > self._minute + 1e-9:
+            refused, wait = _worse(refused, wait, 1, tat - self._minute - now)
+        width = self._minute / 60
+        bucket = math.floor(now / width)
+        for old in [b for b in state.buckets if b <= bucket - 60]:
+            del state.buckets[old]
+        minute_used = sum(state.buckets.values())
+        if tpm and minute_used + cost > tpm:
+            refused, wait = _worse(refused, wait, 2, _minute_wait(state.buckets, minute_used + cost - tpm, width, now))
+        day = math.floor(now / self._day)
+        if state.day != day:
+            state.day, state.day_used = day, 0
+        if tpd and state.day_used + cost > tpd:
+            refused, wait = _worse(refused, wait, 3, NEVER if cost > tpd else (day + 1) * self._day - now)
+        if commit and not refused:
+            state.tat = tat if rpm else state.tat
+            if tpm:
+                state.buckets[bucket] = state.buckets.get(bucket, 0) + cost
+                minute_used += cost
+            state.day_used += cost if tpd else 0
+        else:
+            tat -= interval if commit else 0.0
+        remaining = math.floor((self._minute - (tat - now)) / interval + 1e-9) if rpm else 0
+        newest = max((b for b, used in state.buckets.items() if used), default=None)
+        minute_reset = 0.0 if newest is None else (newest + 60) * width - now
+        return Raw(
+            refused, wait, remaining, tat - now, minute_used, minute_reset, state.day_used,
+            (day + 1) * self._day - now, bucket, day,
+        )  # fmt: skip
+
+    async def settle(self, ticket: Ticket, tokens: int | None, refund_request: bool) -> None:
+        state = self._state[ticket.client]
+        if refund_request and ticket.limits.requests_per_minute:
+            state.tat -= self._minute / ticket.limits.requests_per_minute
+        delta = 0 if tokens is None else tokens - ticket.cost
+        if delta and ticket.bucket in state.buckets:
+            state.buckets[ticket.bucket] += delta
+        if delta and state.day == ticket.day and ticket.limits.tokens_per_day:
+            state.day_used += delta
+
+    async def ready(self) -> bool:
+        return True
+
+    async def aclose(self) -> None:
+        return None
+
+
+@dataclass(slots=True)
+class _State:
+    tat: float = 0.0
+    buckets: dict[int, int] = field(default_factory=dict)  # tokens per 1/60 of the minute
+    day: int = 0
+    day_used: int = 0
+
+
+def _worse(refused: int, wait: float, limit: int, limit_wait: float) -> tuple[int, float]:
+    """Keep the refusal with the longest wait (a request over a whole limit waits forever)."""
+    if wait == NEVER or (refused and limit_wait != NEVER and limit_wait <= wait):
+        return refused, wait
+    return limit, limit_wait
+
+
+def _minute_wait(buckets: dict[int, int], over: int, width: float, now: float) -> float:
+    """Seconds until enough of the oldest reservations leave the rolling minute to free `over` tokens."""
+    for bucket in sorted(buckets):
+        over -= buckets[bucket]
+        if over <= 0:
+            return (bucket + 60) * width - now
+    return NEVER

@@ -1,0 +1,177 @@
+"""The quota counts in Redis (REDIS_URL), shared by every worker and replica. Imported only when REDIS_URL is set.
+
+One Lua script per admission and one per settlement, each atomic; a client's keys share one hash tag, so they
+live on one Redis Cluster slot; the time is Redis's `TIME`, not each replica's clock. Every call has the
+REDIS_TIMEOUT deadline; a failure is QUOTA_FAIL_MODE's answer and one warning line per outage, and the next
+call that succeeds ends the outage (redis-py reconnects by itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+import errors
+from config import Settings
+from quota import Limits, Raw, Ticket
+
+logger = logging.getLogger("service")
+
+# ARGV[1]: requests per minute, tokens per minute, tokens per day (0: unlimited), cost, minute and day lengths,
+# 1 to book (0 to look only), in one string (each argument costs redis-py an encoding). Times in microseconds;
+# a wait of -1 means never (the request alone is over the limit). Returns one string (one reply to parse, not
+# ten): refused limit (0 none, 1 requests, 2 tokens per minute, 3 per day), wait, requests remaining, requests
+# reset, minute used, minute reset, day used, day reset (times in ms), bucket, day.
+_ADMIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local a = {}
+for v in string.gmatch(ARGV[1], '%S+') do a[#a + 1] = tonumber(v) end
+local rpm, tpm, tpd, cost, minute, daylen, commit = a[1], a[2], a[3], a[4], a[5], a[6], a[7] == 1
+local refused, wait = 0, 0
+local function worse(limit, w)
+  if wait == -1 or (refused > 0 and w ~= -1 and w <= wait) then return end
+  refused, wait = limit, w
+end
+local interval = 0
+if rpm > 0 then interval = minute / rpm end
+local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), now)
+if commit then tat = tat + interval end
+if rpm > 0 and tat - now > minute + 1 then worse(1, tat - minute - now) end
+local width = minute / 60
+local bucket = math.floor(now / width)
+local entries = redis.call('HGETALL', KEYS[2])
+local buckets, used = {}, 0
+for i = 1, #entries, 2 do
+  local b, n = tonumber(entries[i]), tonumber(entries[i + 1])
+  if b <= bucket - 60 then redis.call('HDEL', KEYS[2], entries[i])
+  else table.insert(buckets, {b, n}); used = used + n end
+end
+if tpm > 0 and used + cost > tpm then
+  table.sort(buckets, function(a, b) return a[1] < b[1] end)
+  local over, w = used + cost - tpm, -1
+  for _, e in ipairs(buckets) do
+    over = over - e[2]
+    if over <= 0 then w = (e[1] + 60) * width - now; break end
+  end
+  worse(2, w)
+end
+local day = math.floor(now / daylen)
+local stored = redis.call('HMGET', KEYS[3], 'day', 'used')
+local day_used = 0
+if tonumber(stored[1]) == day then day_used = tonumber(stored[2]) end
+if tpd > 0 and day_used + cost > tpd then
+  if cost > tpd then worse(3, -1) else worse(3, (day + 1) * daylen - now) end
+end
+if commit and refused == 0 then
+  if rpm > 0 then
+    redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+  end
+  if tpm > 0 then
+    redis.call('HINCRBY', KEYS[2], string.format('%.0f', bucket), cost)
+    redis.call('PEXPIRE', KEYS[2], math.ceil(minute / 1000) + 1000)
+    used = used + cost
+    table.insert(buckets, {bucket, cost})
+  end
+  if tpd > 0 then
+    day_used = day_used + cost
+    redis.call('HSET', KEYS[3], 'day', string.format('%.0f', day), 'used', day_used)
+    redis.call('PEXPIRE', KEYS[3], math.ceil(((day + 1) * daylen - now) / 1000) + 1000)
+  end
+elseif commit then
+  tat = tat - interval
+end
+local remaining = 0
+if rpm > 0 then remaining = math.floor((minute - (tat - now)) / interval + 1e-6) end
+local minute_reset = 0
+for _, e in ipairs(buckets) do
+  if e[2] ~= 0 then minute_reset = math.max(minute_reset, (e[1] + 60) * width - now) end
+end
+local function ms(us) if us < 0 then return '-1' end return string.format('%.0f', math.ceil(us / 1000)) end
+return table.concat({refused, ms(wait), string.format('%.0f', remaining), ms(tat - now), used, ms(minute_reset),
+  day_used, ms((day + 1) * daylen - now), string.format('%.0f', bucket), string.format('%.0f', day)}, ' ')
+"""
+
+# ARGV: the tokens to add (usage minus reservation), the reservation's bucket and day, microseconds to give
+# back to the requests limit (0: none).
+_SETTLE = """
+local back = tonumber(ARGV[4])
+if back > 0 then
+  local tat = redis.call('GET', KEYS[1])
+  if tat then redis.call('SET', KEYS[1], string.format('%.0f', tonumber(tat) - back), 'KEEPTTL') end
+end
+local delta = tonumber(ARGV[1])
+if delta ~= 0 then
+  if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then redis.call('HINCRBY', KEYS[2], ARGV[2], delta) end
+  if redis.call('HGET', KEYS[3], 'day') == ARGV[3] then redis.call('HINCRBY', KEYS[3], 'used', delta) end
+end
+return 1
+"""
+
+
+class Shared:
+    def __init__(self, settings: Settings) -> None:
+        assert settings.redis_url is not None
+        timeout = settings.redis_timeout
+        # No socket_timeout: every call runs under asyncio.timeout (redis-py then drops the connection), which
+        # costs no extra task per command as redis-py's own wait_for does on Python 3.11.
+        self._redis = redis.asyncio.Redis.from_url(
+            settings.redis_url, socket_timeout=None, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0)
+        )
+        self._admit = self._redis.register_script(_ADMIT)
+        self._settle = self._redis.register_script(_SETTLE)
+        self._timeout = timeout
+        self._open = settings.quota_fail_mode == "open"
+        self._minute = round(settings.quota_minute * 1e6)
+        self._day = round(settings.quota_day * 1e6)
+        self._down = False
+
+    async def admit(self, client: str, limits: Limits, cost: int, commit: bool) -> Raw | None:
+        args = " ".join(map(str, (*limits, cost, self._minute, self._day, int(commit))))
+        result = await self._call(lambda: self._admit(keys=_keys(client), args=[args]))
+        if result is None:
+            if self._open:
+                return None
+            raise errors.QuotaUnavailable("The quota store (Redis) cannot be reached, so requests cannot be counted.")
+        r = [int(x) for x in result.split()]
+        seconds = [x / 1000 if x >= 0 else -1.0 for x in (r[1], r[3], r[5], r[7])]
+        return Raw(r[0], seconds[0], r[2], seconds[1], r[4], seconds[2], r[6], seconds[3], r[8], r[9])
+
+    async def settle(self, ticket: Ticket, tokens: int | None, refund_request: bool) -> None:
+        rpm = ticket.limits.requests_per_minute
+        back = self._minute // rpm if refund_request and rpm else 0
+        args = [0 if tokens is None else tokens - ticket.cost, ticket.bucket, ticket.day, back]
+        if args[0] or back:
+            await self._call(lambda: self._settle(keys=_keys(ticket.client), args=args))
+
+    async def ready(self) -> bool:
+        return self._open or await self._call(self._redis.ping) is not None
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+    async def _call(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        try:
+            async with asyncio.timeout(self._timeout):
+                result = await call()
+        except (RedisError, OSError, TimeoutError) as exc:
+            if not self._down:
+                self._down = True
+                then = "requests pass uncounted" if self._open else "Groq-calling routes answer 503 quota_unavailable"
+                logger.warning("Redis is unreachable (%s): %s until it is back", type(exc).__name__, then)
+            return None
+        if self._down:
+            self._down = False
+            logger.warning("Redis is reachable again: requests are counted")
+        return result
+
+
+def _keys(client: str) -> list[str]:
+    return [f"quota:{{{client}}}:{part}" for part in ("r", "m", "d")]

@@ -1,0 +1,319 @@
+"""Per-client quotas counted in the process: admission, reservation, settlement, headers, and their errors."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import re
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+from conftest import ROOT, groq_env
+from fake_groq import Behaviour, FakeGroq
+
+import quota
+from config import SettingsError, load_settings
+
+PROMPT = {"prompt": "hi", "max_tokens": 100}
+PROMPT_COST = math.ceil(len(json.dumps([{"role": "user", "content": "hi"}]).encode()) / 4)  # 9 tokens
+RESET = re.compile(r"(\d+h)?(\d+m)?\d+(\.\d{1,2})?s")
+
+
+def usage_tokens(fake: FakeGroq, n: int = -1) -> int:
+    """What the fake reported for its n-th chat request: prompt + completion tokens."""
+    body = fake.chat_requests()[n].body
+    prompt = sum(len(str(m.get("content", "")).split()) for m in body["messages"]) + 9
+    return prompt + len(fake.default.pieces())
+
+
+def test_requests_per_minute_burst_then_429_with_the_real_wait_then_passes(fake: FakeGroq, start_service: Any) -> None:
+    service = start_service(groq_env(fake, QUOTA_REQUESTS_PER_MINUTE="3"), quota_minute=1.5)  # one per 0.5 s
+    answers = [service.client.post("/chat", json=PROMPT) for _ in range(4)]
+    assert [a.status_code for a in answers] == [200, 200, 200, 429]
+    assert [a.headers["x-ratelimit-remaining-requests"] for a in answers] == ["2", "1", "0", "0"]
+    assert all(a.headers["x-ratelimit-limit-requests"] == "3" for a in answers)
+    assert all(RESET.fullmatch(a.headers["x-ratelimit-reset-requests"]) for a in answers)
+    refused = answers[3]
+    assert refused.headers["retry-after"] == "1"  # 0.5 s to the next slot, rounded up
+    error = refused.json()["error"]
+    assert error["type"] == "quota_exceeded"
+    assert error["message"] == "This client is over its quota of 3 requests per minute; retry in 1 s."
+    assert len(fake.chat_requests()) == 3
+    line = service.access_lines(4)[3]
+    assert (line["status"], line["quota"], line["error"]) == (429, "requests_per_minute", "quota_exceeded")
+    assert "charged_tokens" not in line
+    time.sleep(float(refused.headers["retry-after"]))
+    assert service.client.post("/chat", json=PROMPT).status_code == 200
+
+
+def test_tokens_per_rolling_minute_refuse_until_the_oldest_reservations_leave(
+    fake: FakeGroq, start_service: Any
+) -> None:
+    fake.default.usage = False  # no usage: each reservation stands
+    service = start_service(groq_env(fake, QUOTA_TOKENS_PER_MINUTE="200"), quota_minute=0.9)
+    assert service.client.post("/chat", json={"prompt": "hi", "max_tokens": 10}).status_code == 200
+    time.sleep(0.05)  # the next reservation lands in a later slice of the window
+    assert service.client.post("/chat", json=PROMPT).status_code == 200
+    refused = service.client.post("/chat", json=PROMPT)  # needs both earlier reservations gone
+    assert refused.status_code == 429
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["message"] == "This client is over its quota of 200 tokens per minute; retry in 1 s."
+    assert service.client.get("/readyz").json() == {"status": "ready"}
+    time.sleep(1)
+    again = service.client.post("/chat", json=PROMPT)
+    assert again.status_code == 200
+    assert again.headers["x-ratelimit-remaining-tokens"] == str(200 - PROMPT_COST - 100)
+
+
+def test_the_limit_named_is_the_one_with_the_longest_wait(fake: FakeGroq, start_service: Any) -> None:
+    env = groq_env(fake, QUOTA_REQUESTS_PER_MINUTE="1", QUOTA_TOKENS_PER_MINUTE=str(PROMPT_COST + 150))
+    service = start_service(env)
+    assert service.client.post("/chat", json=PROMPT).status_code == 200
+    fake.default.usage = False
+    refused = service.client.post("/chat", json={"prompt": "hi", "max_tokens": 150})  # over both limits
+    assert refused.status_code == 429
+    assert service.access_lines(2)[1]["quota"] == "requests_per_minute"
+
+
+def concurrent_posts(url: str, path: str, bodies: list[dict[str, Any]]) -> list[httpx.Response]:
+    """All requests at once, each on its own connection."""
+    answers: list[httpx.Response] = []
+    barrier = threading.Barrier(len(bodies))
+
+    def post(body: dict[str, Any]) -> None:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            barrier.wait(10)
+            answers.append(client.post(path, json=body))
+
+    threads = [threading.Thread(target=post, args=(b,)) for b in bodies]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return answers
+
+
+@pytest.mark.parametrize("variable", ["QUOTA_TOKENS_PER_MINUTE", "QUOTA_TOKENS_PER_DAY"])
+def test_concurrent_first_requests_cannot_all_pass_a_budget(fake: FakeGroq, start_service: Any, variable: str) -> None:
+    fake.default.delay = 0.5  # all are admitted before any settles
+    budget = 2 * (PROMPT_COST + 100) + 50  # fits k = 2 reservations
+    service = start_service(groq_env(fake, **{variable: str(budget)}))
+    answers = concurrent_posts(service.url, "/chat", [PROMPT] * 6)
+    assert sorted(a.status_code for a in answers) == [200, 200, 429, 429, 429, 429]
+    assert len(fake.chat_requests()) == 2
+    what = variable.removeprefix("QUOTA_").lower()
+    for refused in (a for a in answers if a.status_code == 429):
+        assert refused.json()["error"]["message"].startswith(
+            f"This client is over its quota of {budget} {what.replace('_', ' ')}"
+        )
+        assert refused.headers["x-ratelimit-limit-tokens"] == str(budget)
+    lines = service.access_lines(6)
+    assert sorted(line.get("quota", "") for line in lines) == ["", ""] + [what] * 4
+    wait = int(next(a for a in answers if a.status_code == 429).headers["retry-after"])
+    if variable == "QUOTA_TOKENS_PER_MINUTE":
+        assert 58 <= wait <= 60  # when the first reservation leaves the rolling minute
+    else:
+        now = datetime.datetime.now(datetime.UTC)
+        midnight = (now + datetime.timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+        assert abs(wait - (midnight - now).total_seconds()) <= 2  # the next UTC day
+
+
+def test_reservations_settle_to_groq_usage(fake: FakeGroq, start_service: Any) -> None:
+    service = start_service(groq_env(fake, QUOTA_TOKENS_PER_MINUTE="10000"))
+    answer = service.client.post("/chat", json={"prompt": "hi", "max_tokens": 5000})
+    assert answer.status_code == 200
+    assert answer.headers["x-ratelimit-remaining-tokens"] == str(10000 - PROMPT_COST - 5000)  # reserved
+    used = answer.json()["usage"]["total_tokens"]
+    assert used == usage_tokens(fake)
+    assert service.access_lines(1)[0]["charged_tokens"] == used
+    refused = service.client.post("/chat", json={"prompt": ""})  # refused by validation: reserves nothing
+    assert refused.status_code == 422
+    assert refused.headers["x-ratelimit-remaining-tokens"] == str(10000 - used)
+    assert refused.headers["x-ratelimit-limit-tokens"] == "10000"
+    assert "charged_tokens" not in service.access_lines(2)[1]
+
+
+def test_a_stream_is_charged_its_real_usage(fake: FakeGroq, start_service: Any) -> None:
+    service = start_service(groq_env(fake, QUOTA_TOKENS_PER_MINUTE="10000", QUOTA_REQUESTS_PER_MINUTE="100"))
+    with service.client.stream("POST", "/chat", json={"prompt": "hi", "stream": True}) as answer:
+        assert answer.headers["x-ratelimit-remaining-tokens"] == str(10000 - PROMPT_COST - 1024)  # the default
+        assert answer.headers["x-ratelimit-remaining-requests"] == "99"
+        events = [json.loads(line[6:]) for line in answer.iter_lines() if line.startswith("data: {")]
+    used = events[-1]["usage"]["total_tokens"]
+    assert used == usage_tokens(fake)
+    assert service.access_lines(1)[0]["charged_tokens"] == used
+    after = service.client.post("/chat", json={})
+    assert after.headers["x-ratelimit-remaining-tokens"] == str(10000 - used)
+
+
+def test_a_client_that_disconnects_mid_stream_is_charged(fake: FakeGroq, start_service: Any) -> None:
+    fake.default = Behaviour(chunks=200, chunk_delay=0.05)
+    service = start_service(groq_env(fake, QUOTA_TOKENS_PER_MINUTE="10000"))
+    with service.client.stream("POST", "/chat", json={"prompt": "hi", "stream": True}) as answer:
+        next(answer.iter_lines())
+    assert fake.stream_ended.wait(5)
+    line = service.access_lines(1)[0]
+    assert line["disconnected"] is True
+    assert line["charged_tokens"] == PROMPT_COST + 1024  # Groq's usage never came: the reservation stands
+    after = service.client.post("/chat", json={})
+    assert after.headers["x-ratelimit-remaining-tokens"] == str(10000 - PROMPT_COST - 1024)
+
+
+def test_sdk_stream_asks_groq_for_usage_and_strips_it_again(fake: FakeGroq, start_service: Any) -> None:
+    service = start_service(groq_env(fake, QUOTA_TOKENS_PER_DAY="100000"))
+    body = {"model": "openai/gpt-oss-20b", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    with service.client.stream("POST", "/v1/chat/completions", json=body) as answer:
+        assert answer.headers["x-ratelimit-limit-tokens"] == "100000"
+        chunks = [json.loads(line[6:]) for line in answer.iter_lines() if line.startswith("data: {")]
+    assert fake.chat_requests()[-1].body["stream_options"] == {"include_usage": True}
+    assert all(chunk["choices"] for chunk in chunks)  # no usage-only chunk the client did not ask for
+    used = chunks[-1]["usage"]["total_tokens"]
+    assert service.access_lines(1)[0]["charged_tokens"] == used
+    asked = {**body, "stream_options": {"include_usage": True}}
+    with service.client.stream("POST", "/v1/chat/completions", json=asked) as answer:
+        chunks = [json.loads(line[6:]) for line in answer.iter_lines() if line.startswith("data: {")]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == used
+
+
+def test_sdk_routes_answer_in_the_openai_shape_and_groq_headers_never_pass(fake: FakeGroq, start_service: Any) -> None:
+    service = start_service(groq_env(fake, QUOTA_REQUESTS_PER_MINUTE="1"))
+    body = {"model": "openai/gpt-oss-20b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+    first = service.client.post("/v1/chat/completions", json=body)
+    assert first.status_code == 200
+    assert first.headers["x-ratelimit-limit-requests"] == "1"  # ours; the fake sends 14400
+    assert "x-ratelimit-limit-tokens" not in first.headers  # no token limit set
+    assert "14400" not in str(first.headers) and "17997" not in str(first.headers)
+    refused = service.client.post("/openai/v1/chat/completions", json=body)
+    assert refused.status_code == 429
+    assert refused.headers["retry-after"] == "60"
+    error = refused.json()["error"]
+    assert (error["type"], error["code"]) == ("quota_exceeded", "rate_limit_exceeded")
+    models = service.client.get("/v1/models")
+    assert models.status_code == 429
+
+
+def test_no_quota_means_no_headers(service: Any) -> None:
+    answer = service.client.post("/chat", json=PROMPT)
+    assert answer.status_code == 200
+    assert not [name for name in answer.headers if name.startswith("x-ratelimit")]
+
+
+def test_a_request_over_the_whole_limit_can_never_pass(fake: FakeGroq, start_service: Any) -> None:
+    for minute, day, what in (("600", "700", "600 tokens per minute"), ("700", "600", "600 tokens per day")):
+        service = start_service(groq_env(fake, QUOTA_TOKENS_PER_MINUTE=minute, QUOTA_TOKENS_PER_DAY=day))
+        max_tokens = 650
+        refused = service.client.post("/chat", json={"prompt": "hi", "max_tokens": max_tokens})
+        assert refused.status_code == 429
+        assert "retry-after" not in refused.headers
+        message = refused.json()["error"]["message"]
+        assert message == (
+            f"This request reserves {PROMPT_COST + max_tokens} tokens, more than this client's whole quota of "
+            f"{what}; send a shorter prompt or a lower max_tokens."
+        )
+    assert fake.chat_requests() == []
+
+
+def test_what_groq_refuses_or_the_service_does_not_send_is_not_charged(fake: FakeGroq, start_service: Any) -> None:
+    fake.behaviours["bad/model"] = Behaviour(status=400, error={"message": "no", "type": "invalid_request_error"})
+    service = start_service(groq_env(fake, QUOTA_TOKENS_PER_MINUTE="5000", QUOTA_REQUESTS_PER_MINUTE="10"))
+    refused = service.client.post("/chat", json={"prompt": "hi", "model": "bad/model"})
+    assert refused.status_code == 400
+    assert service.access_lines(1)[0]["charged_tokens"] == 0
+    after = service.client.post("/chat", json={})
+    assert after.headers["x-ratelimit-remaining-tokens"] == "5000"
+    assert after.headers["x-ratelimit-remaining-requests"] == "9"  # Groq saw the refused one
+
+
+def test_a_request_the_service_never_sent_gives_everything_back(fake: FakeGroq, start_service: Any) -> None:
+    service = start_service({"QUOTA_REQUESTS_PER_MINUTE": "10"})  # no GROQ_API_KEY: /v1/models answers 503
+    answers = [service.client.get("/v1/models") for _ in range(2)]
+    assert [a.status_code for a in answers] == [503, 503]
+    assert [a.headers["x-ratelimit-remaining-requests"] for a in answers] == ["9", "9"]
+    assert service.access_lines(2)[0]["charged_tokens"] == 0
+
+
+def test_duration_is_written_as_groq_writes_it() -> None:
+    assert [quota.duration(s) for s in (7.66, 6, 0.004, 179.56, 3723, -1)] == [
+        "7.66s", "6s", "0s", "2m59.56s", "1h2m3s", "0s",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"QUOTA_REQUESTS_PER_MINUTE": "0"}, "QUOTA_REQUESTS_PER_MINUTE must be a whole number from 1 to"),
+        ({"QUOTA_TOKENS_PER_MINUTE": "many"}, "QUOTA_TOKENS_PER_MINUTE must be a whole number from 1 to"),
+        ({"QUOTA_TOKENS_PER_DAY": "-5"}, "QUOTA_TOKENS_PER_DAY must be a whole number from 1 to"),
+        ({"QUOTA_DEFAULT_RESERVE": "0"}, "QUOTA_DEFAULT_RESERVE must be a whole number from 1 to"),
+        ({"QUOTA_FAIL_MODE": "maybe"}, "QUOTA_FAIL_MODE must be one of closed, open"),
+        ({"REDIS_TIMEOUT": "0"}, "REDIS_TIMEOUT must be a number of seconds > 0"),
+        ({"WORKERS": "2", "QUOTA_TOKENS_PER_DAY": "9"}, "WORKERS > 1 with a quota needs REDIS_URL"),
+        ({"REDIS_URL": "redis://127.0.0.1:1/0"}, "REDIS_URL is set but no quota is"),
+        ({"REDIS_URL": "http://:hunter2@x/0", "QUOTA_TOKENS_PER_DAY": "9"}, "REDIS_URL must look like redis://"),
+    ],
+)
+def test_invalid_quota_settings_stop_the_start(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        load_settings(env)
+    assert str(raised.value).startswith(message)
+    assert "hunter2" not in str(raised.value)
+
+
+def test_redis_password_is_a_secret() -> None:
+    settings = load_settings({"REDIS_URL": "redis://:hunter2@127.0.0.1:1/0", "QUOTA_TOKENS_PER_DAY": "9"})
+    assert "hunter2" in settings.secrets() and "hunter2" not in repr(settings)
+
+
+def _modules_after_building_the_app(env: dict[str, str]) -> list[str]:
+    code = (
+        f"import sys, app, config; app.create_app(config.load_settings({env!r})); "
+        "print(sorted(m for m in ('quota', 'quota_local', 'quota_redis', 'keys', 'redis') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return list(json.loads(result.stdout.replace("'", '"')))
+
+
+def test_optional_modules_are_imported_only_when_turned_on() -> None:
+    assert _modules_after_building_the_app({}) == []
+    assert _modules_after_building_the_app({"QUOTA_REQUESTS_PER_MINUTE": "5"}) == ["quota", "quota_local"]
+    with_redis = {"QUOTA_REQUESTS_PER_MINUTE": "5", "REDIS_URL": "redis://127.0.0.1:1/0"}
+    assert _modules_after_building_the_app(with_redis) == ["quota", "quota_redis", "redis"]
+
+
+def test_redis_url_without_the_package_is_one_clear_start_up_line() -> None:
+    code = "import sys, runpy; sys.modules['redis'] = None; runpy.run_path('app.py', run_name='__main__')"
+    env = {"REDIS_URL": "redis://127.0.0.1:1/0", "QUOTA_REQUESTS_PER_MINUTE": "5", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    (line,) = [json.loads(line) for line in result.stderr.splitlines() + result.stdout.splitlines() if line]
+    assert line["msg"] == (
+        "configuration error: REDIS_URL is set but the redis package is not installed: "
+        "pip install --require-hashes -r requirements-redis.txt"
+    )
+
+
+def test_the_redis_requirement_is_pinned_with_hashes() -> None:
+    from test_audit import pins
+
+    assert list(pins(ROOT / "requirements-redis.txt")) == ["redis"]
+
+
+def test_the_openai_sdk_raises_its_rate_limit_error(fake: FakeGroq, start_service: Any) -> None:
+    import openai
+
+    service = start_service(groq_env(fake, QUOTA_REQUESTS_PER_MINUTE="1"))
+    client = openai.OpenAI(base_url=service.url + "/v1", api_key="unused-on-loopback", max_retries=0)
+    messages: Any = [{"role": "user", "content": "hi"}]
+    client.chat.completions.create(model="openai/gpt-oss-20b", messages=messages)
+    with pytest.raises(openai.RateLimitError) as raised:
+        client.chat.completions.create(model="openai/gpt-oss-20b", messages=messages)
+    assert raised.value.code == "rate_limit_exceeded"
+    assert raised.value.response.headers["retry-after"] == "60"
+    client.close()

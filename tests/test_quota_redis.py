@@ -1,0 +1,146 @@
+"""Quotas shared through a real Redis: atomic admission across processes and workers, fail modes, recovery."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from conftest import Service, groq_env
+from fake_groq import API_KEY, Behaviour, FakeGroq
+from redis_server import RedisServer
+from test_quota import PROMPT, PROMPT_COST, concurrent_posts, usage_tokens
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+def redis_env(fake: FakeGroq, redis: RedisServer, **overrides: str) -> dict[str, str]:
+    return groq_env(fake, REDIS_URL=redis.url, **overrides)
+
+
+def warnings(service: Service, start: str) -> list[str]:
+    return [line["msg"] for line in service.log_lines() if line["msg"].startswith(start)]
+
+
+def test_gcra_in_redis_burst_wait_and_one_hash_tag(
+    fake: FakeGroq, start_service: Any, redis_server: RedisServer
+) -> None:
+    service = start_service(redis_env(fake, redis_server, QUOTA_REQUESTS_PER_MINUTE="3"), quota_minute=1.5)
+    answers = [service.client.post("/chat", json=PROMPT) for _ in range(4)]
+    assert [a.status_code for a in answers] == [200, 200, 200, 429]
+    assert [a.headers["x-ratelimit-remaining-requests"] for a in answers] == ["2", "1", "0", "0"]
+    assert answers[3].headers["retry-after"] == "1"
+    assert service.access_lines(4)[3]["quota"] == "requests_per_minute"
+    time.sleep(1)
+    assert service.client.post("/chat", json=PROMPT).status_code == 200
+    assert redis_server.client().keys() == [b"quota:{local}:r"]  # only the limit that is set; one hash tag
+
+
+def test_concurrent_requests_meet_one_atomic_budget_in_redis(
+    fake: FakeGroq, start_service: Any, redis_server: RedisServer
+) -> None:
+    fake.default.delay = 0.5
+    budget = 2 * (PROMPT_COST + 100) + 50
+    service = start_service(redis_env(fake, redis_server, QUOTA_TOKENS_PER_MINUTE=str(budget)))
+    answers = concurrent_posts(service.url, "/chat", [PROMPT] * 6)
+    assert sorted(a.status_code for a in answers) == [200, 200, 429, 429, 429, 429]
+    assert len(fake.chat_requests()) == 2
+    assert 58 <= int(next(a for a in answers if a.status_code == 429).headers["retry-after"]) <= 60
+
+
+def test_redis_settles_plain_calls_streams_and_disconnects(
+    fake: FakeGroq, start_service: Any, redis_server: RedisServer
+) -> None:
+    fake.behaviours["slow/stream"] = Behaviour(chunks=200, chunk_delay=0.05)
+    env = redis_env(fake, redis_server, QUOTA_TOKENS_PER_DAY="100000", QUOTA_TOKENS_PER_MINUTE="50000")
+    service = start_service(env)
+    answer = service.client.post("/chat", json={"prompt": "hi", "max_tokens": 5000})
+    assert answer.headers["x-ratelimit-remaining-tokens"] == str(50000 - PROMPT_COST - 5000)
+    used = usage_tokens(fake)
+    body = {"model": "openai/gpt-oss-20b", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    with service.client.stream("POST", "/v1/chat/completions", json=body) as stream:
+        chunks = [json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: {")]
+    assert all(chunk["choices"] for chunk in chunks)
+    used += chunks[-1]["usage"]["total_tokens"]
+    with service.client.stream("POST", "/chat", json={"prompt": "hi", "model": "slow/stream", "stream": True}) as cut:
+        next(cut.iter_lines())
+    assert fake.stream_ended.wait(5)
+    lines = service.access_lines(3)
+    assert lines[2]["charged_tokens"] == PROMPT_COST + 1024  # no usage arrived: the reservation stands
+    used += PROMPT_COST + 1024
+    assert sum(line["charged_tokens"] for line in lines) == used
+    after = service.client.post("/chat", json={})
+    assert after.headers["x-ratelimit-remaining-tokens"] == str(50000 - used)
+    stats = redis_server.client().info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] >= 7  # 3 admissions, 3 settlements, 1 look-up (the 422)
+
+
+def test_two_processes_and_two_workers_hold_one_limit(
+    fake: FakeGroq, start_process: Any, redis_server: RedisServer
+) -> None:
+    env = {
+        "GROQ_API_KEY": API_KEY,
+        "GROQ_BASE_URL": fake.url,
+        "GROQ_MAX_RETRIES": "0",
+        "REDIS_URL": redis_server.url,
+        "QUOTA_REQUESTS_PER_MINUTE": "5",
+    }
+    one = start_process(env)
+    two = start_process({**env, "WORKERS": "2"})
+    statuses = [httpx.post(p.url + "/chat", json=PROMPT, timeout=10).status_code for _ in range(6) for p in (one, two)]
+    assert sorted(statuses) == [200] * 5 + [429] * 7
+    assert len(fake.chat_requests()) == 5
+
+
+def test_redis_failing_closed_then_recovering(fake: FakeGroq, start_service: Any, redis_server: RedisServer) -> None:
+    service = start_service(redis_env(fake, redis_server, QUOTA_REQUESTS_PER_MINUTE="5", REDIS_TIMEOUT="0.25"))
+    assert service.client.post("/chat", json=PROMPT).headers["x-ratelimit-remaining-requests"] == "4"
+    redis_server.pause()  # hung: connections open, nothing answers
+    started = time.monotonic()
+    refused = service.client.post("/chat", json=PROMPT)
+    assert time.monotonic() - started < 2  # the REDIS_TIMEOUT deadline, not a hang
+    assert refused.status_code == 503
+    assert refused.json()["error"]["type"] == "quota_unavailable"
+    assert not [name for name in refused.headers if name.startswith("x-ratelimit")]
+    invalid = service.client.post("/chat", json={})
+    assert invalid.status_code == 422 and "x-ratelimit-limit-requests" not in invalid.headers
+    assert service.client.get("/readyz").json() == {
+        "status": "not_ready",
+        "reason": "the quota store (Redis) cannot be reached",
+    }
+    redis_server.resume()
+    assert service.client.post("/chat", json=PROMPT).headers["x-ratelimit-remaining-requests"] == "3"
+    redis_server.stop()  # gone: connections refused
+    assert service.client.post("/chat", json=PROMPT).status_code == 503
+    assert service.client.get("/readyz").status_code == 503
+    redis_server.start()  # back, empty: counting starts again
+    answers = [service.client.post("/chat", json=PROMPT) for _ in range(2)]
+    assert [a.headers["x-ratelimit-remaining-requests"] for a in answers] == ["4", "3"]
+    assert service.client.get("/readyz").status_code == 200
+    assert len(warnings(service, "Redis is unreachable")) == 2  # one per outage, not per request
+    assert len(warnings(service, "Redis is reachable again")) == 2
+    assert fake.chat_requests() and len(fake.chat_requests()) == 4
+
+
+def test_redis_failing_open_passes_uncounted(fake: FakeGroq, start_service: Any, redis_server: RedisServer) -> None:
+    env = redis_env(fake, redis_server, QUOTA_REQUESTS_PER_MINUTE="5", QUOTA_FAIL_MODE="open")
+    service = start_service(env)
+    assert service.client.post("/chat", json=PROMPT).headers["x-ratelimit-remaining-requests"] == "4"
+    redis_server.stop()
+    answers = [service.client.post("/chat", json=PROMPT) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert not [name for a in answers for name in a.headers if name.startswith("x-ratelimit")]
+    assert service.client.get("/readyz").status_code == 200
+    assert warnings(service, "Redis is unreachable") == [
+        "Redis is unreachable (ConnectionError): requests pass uncounted until it is back"
+    ]
+    redis_server.start()
+    assert service.client.post("/chat", json=PROMPT).headers["x-ratelimit-remaining-requests"] == "4"
