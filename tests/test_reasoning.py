@@ -224,7 +224,7 @@ def test_what_groq_sends_as_reasoning_is_read_defensively(
     usage: dict[str, int] | None,
 ) -> None:
     fake.default = behaviour
-    response = service.client.post("/chat", json={"prompt": "Say hello"})
+    response = service.client.post("/chat", json={"prompt": "Say hello", "include_reasoning": True})
     if status != 200:
         assert_error(response, status, "upstream_error")
         return
