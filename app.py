@@ -23,6 +23,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 import errors
+import lifetimes
 import logging_config
 import streaming
 from config import Settings, SettingsError, load_settings
@@ -56,10 +57,11 @@ def create_app(settings: Settings) -> Starlette:
             expose_headers=["X-Request-ID", "Retry-After"],
         )
     ]
-    # Real order, outermost first: Starlette's ServerErrorMiddleware -> RequestLog -> CORS (if set)
+    # Real order, outermost first: Starlette's ServerErrorMiddleware -> RequestLog -> Paced -> CORS (if set)
     # -> Authorize -> Starlette's ExceptionMiddleware -> router.
     middleware = [
         Middleware(RequestLog, secrets=settings.secrets()),
+        Middleware(lifetimes.Paced),
         *(cors if settings.cors_origins else []),
         Middleware(Authorize, keys=settings.service_api_keys),
     ]
@@ -115,13 +117,19 @@ class Service:
         model = chat.model or self.settings.groq_model
         fields = self._log_request(request, model, chat.messages)
         if chat.stream:
+            fields["stream"] = True
             self._acquire()
             pieces = upstream.chat_stream(chat.messages, model, chat.params)
             return await streaming.start(
-                pieces, streaming.chat_encoder(fields), streaming.chat_error_event, fields, self._release
+                pieces,
+                streaming.chat_encoder(fields),
+                streaming.chat_error_event,
+                fields,
+                self._release,
+                request.receive,
             )
         with self._slot(fields):
-            result = await upstream.chat(chat.messages, model, chat.params)
+            result = await lifetimes.while_connected(request.receive, upstream.chat(chat.messages, model, chat.params))
         streaming.log_result(
             fields, result.model, result.usage, fields.get("completion") is not None and result.content
         )
@@ -133,19 +141,25 @@ class Service:
         completion = parse_completion(await self._read_json(request), allowed_models=self.settings.allowed_models)
         fields = self._log_request(request, completion.model, completion.body["messages"])
         if completion.stream:
+            fields["stream"] = True
             self._acquire()
             events = upstream.stream_events(completion.body)
             return await streaming.start(
-                events, streaming.relay_encoder(fields), streaming.openai_error_event, fields, self._release
+                events,
+                streaming.relay_encoder(fields),
+                streaming.openai_error_event,
+                fields,
+                self._release,
+                request.receive,
             )
         with self._slot(fields):
-            raw, data = await upstream.complete(completion.body)
+            raw, data = await lifetimes.while_connected(request.receive, upstream.complete(completion.body))
         streaming.note_completion(fields, data)
         return Response(raw, media_type=_JSON)
 
     async def models(self, request: Request) -> Response:
         with self._slot(request.scope[LOG_FIELDS]):
-            listing = await self._upstream().models()
+            listing = await lifetimes.while_connected(request.receive, self._upstream().models())
         if self.settings.allowed_models and isinstance(listing.get("data"), list):
             listing["data"] = [
                 m for m in listing["data"] if isinstance(m, dict) and m.get("id") in self.settings.allowed_models

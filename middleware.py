@@ -68,6 +68,8 @@ class RequestLog:
             await self.app(scope, receive, send_with_id)
         except ClientDisconnect:
             fields["disconnected"] = True
+            if not response_started:
+                fields["status"] = 499  # nginx's "client closed request": the client saw no status
         except Exception as exc:
             error = exc if isinstance(exc, ServiceError) else ServiceError()
             if not isinstance(exc, ServiceError):
