@@ -19,7 +19,11 @@ Two rules, each in one place:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import functools
+import struct
+import termios
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -76,8 +80,9 @@ async def send_paced(send: Send, message: Message) -> None:
 
 
 class WriteDeadline:
-    """Mixin for the uvicorn HTTP protocol: while the transport's buffer is over the high-water mark,
-    check every CLIENT_TIMEOUT that the client took some of it; if it took none, abort the connection."""
+    """Mixin for the uvicorn HTTP protocol: while the transport's buffer is over the high-water mark, or
+    holds the end of a finished answer, check every CLIENT_TIMEOUT that the client took some of it; if it
+    took none, abort the connection (closing it would wait for the buffer to drain, which may be never)."""
 
     transport: asyncio.Transport
     app_state: dict[str, Any]
@@ -86,7 +91,13 @@ class WriteDeadline:
 
     def pause_writing(self) -> None:
         super().pause_writing()  # type: ignore[misc]
+        self._stop()
         self._check(None)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        if self._stall is None:
+            self._check(None)
 
     def resume_writing(self) -> None:
         super().resume_writing()  # type: ignore[misc]
@@ -99,12 +110,24 @@ class WriteDeadline:
         super().resume_writing()  # type: ignore[misc]
 
     def _check(self, before: int | None) -> None:
-        left = self.transport.get_write_buffer_size()
+        if not self.transport.get_write_buffer_size():  # all handed to the kernel: nothing waits on this client
+            self._stall = None
+            return
+        left = self._unacknowledged()
         if before is not None and left >= before:
             self._drop()
             return
         timeout = self.app_state.get("client_timeout", 15.0)
         self._stall = asyncio.get_running_loop().call_later(timeout, self._check, left)
+
+    def _unacknowledged(self) -> int:
+        """Bytes the client has not taken yet: our buffer plus the kernel's send queue (which grows into
+        megabytes while the client reads nothing, so our buffer alone shrinking is no sign of a reader)."""
+        left = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        with contextlib.suppress(OSError, AttributeError):
+            left += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        return left
 
     def _drop(self) -> None:
         self._stall = None

@@ -24,7 +24,9 @@ from app import create_app
 from config import load_settings
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
-BIG = " ".join(["x" * 4000] * 800)  # 3.2 MB in 800 pieces: far more than the socket buffers between us
+# 6 MB in 1,500 pieces: more than all the buffers between the service and a client (Linux lets a socket's
+# send buffer grow to 4 MB), so a client that stops reading makes the service's writes wait.
+BIG = " ".join(["x" * 4000] * 1500)
 
 
 def _port(url: str) -> int:
@@ -153,7 +155,7 @@ def test_a_client_that_leaves_frees_the_slot_of_python_app_py(fake: FakeGroq, st
 def test_clients_that_stop_reading_are_dropped_after_client_timeout(
     fake: FakeGroq, start_service: Any, stream: bool
 ) -> None:
-    fake.default = Behaviour(content=BIG, chunks_per_write=20, chunk_delay=0.25)  # Groq still sending at the drop
+    fake.default = Behaviour(content=BIG, chunks_per_write=20, stall_after=1479)  # Groq's stream still open at the drop
     service = start_service(groq_env(fake, MAX_CONCURRENCY="4", CLIENT_TIMEOUT="1"))
     body = {"prompt": "Write a lot " * 2000, "stream": stream}
     stalled = [_request(_port(service.url), "POST", "/chat", body, rcvbuf=4096) for _ in range(4)]
