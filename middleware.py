@@ -58,11 +58,13 @@ class RequestLog:
 
         async def send_with_id(message: Message) -> None:
             nonlocal response_started
-            if message["type"] == "http.response.start":
-                response_started = True
-                fields["status"] = message["status"]
+            starting = message["type"] == "http.response.start"
+            if starting:
                 message["headers"] = [*message.get("headers", ()), id_header]
             await send(message)
+            if starting:  # a status counts once the server took it (a send can fail when the client has gone)
+                response_started = True
+                fields["status"] = message["status"]
 
         try:
             await self.app(scope, receive, send_with_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import socket
 import time
@@ -106,6 +107,7 @@ def test_a_client_that_leaves_before_the_answer_frees_its_slot_and_stops_groq(
     assert (left["path"], left["status"], left["disconnected"]) == (path, 499, True)
     assert "error" not in left
     assert left.get("stream", False) is bool(body and body.get("stream"))
+    assert [line for line in service.log_lines() if line["level"] not in ("INFO", "WARNING")] == []
 
 
 @pytest.mark.parametrize("path", ["/chat", "/v1/chat/completions"])
@@ -148,7 +150,7 @@ def test_a_client_that_leaves_frees_the_slot_of_python_app_py(fake: FakeGroq, st
     assert proc.stop() == 0
     left = next(line for line in proc.json_lines() if line["msg"] == "request" and line["path"] == "/chat")
     assert (left["status"], left["disconnected"]) == (499, True)
-    assert not any(line["levelname"] == "ERROR" for line in proc.json_lines() if "levelname" in line)
+    assert [line for line in proc.json_lines() if line["level"] not in ("INFO", "WARNING")] == []
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -221,7 +223,10 @@ def _asgi_request(path: str, body: dict[str, Any]) -> tuple[dict[str, Any], Call
     return scope, receive
 
 
-def test_a_stream_whose_response_fails_to_start_frees_its_slot(fake: FakeGroq) -> None:
+def test_a_stream_whose_response_fails_to_start_frees_its_slot(
+    fake: FakeGroq, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="service")
     fake.default = Behaviour(chunks=2000, chunk_delay=0.02)
     app = create_app(load_settings(groq_env(fake, MAX_CONCURRENCY="1")))
     sent: list[Message] = []
@@ -240,6 +245,9 @@ def test_a_stream_whose_response_fails_to_start_frees_its_slot(fake: FakeGroq) -
 
     asyncio.run(run())
     assert [how for how, _ in fake.stream_ends] == ["client_closed"]
+    failed, answered = [r.fields for r in caplog.records if r.getMessage() == "request"]  # type: ignore[attr-defined]
+    assert (failed["status"], failed["disconnected"], failed["stream"]) == (499, True, True)
+    assert answered["status"] == 200
     assert sent[0]["status"] == 200  # not 503: the first request's slot was freed
     assert json.loads(b"".join(m.get("body", b"") for m in sent[1:]))["content"] == "Hello from the fake Groq server."
 
