@@ -22,6 +22,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 import errors
+import lifetimes
 import logging_config
 import streaming
 from config import Settings, SettingsError, load_settings
@@ -58,10 +59,11 @@ def create_app(settings: Settings) -> Starlette:
             expose_headers=["X-Request-ID", "Retry-After"],
         )
     ]
-    # Real order, outermost first: Starlette's ServerErrorMiddleware -> RequestLog -> CORS (if set)
+    # Real order, outermost first: Starlette's ServerErrorMiddleware -> RequestLog -> Paced -> CORS (if set)
     # -> Authorize -> QuotaGate (if a quota is set) -> Starlette's ExceptionMiddleware -> router.
     middleware = [
         Middleware(RequestLog, secrets=settings.secrets()),
+        Middleware(lifetimes.Paced),
         *(cors if settings.cors_origins else []),
         Middleware(Authorize, keys=settings.service_api_keys, clients=settings.service_keys),
         *([Middleware(service.quota.gate)] if service.quota else []),
@@ -128,13 +130,19 @@ class Service:
         fields = self._log_request(request, model, chat.messages)
         await self._admit(request, chat.messages, chat.params.get("max_tokens"))
         if chat.stream:
+            fields["stream"] = True
             self._acquire()
             pieces = upstream.chat_stream(chat.messages, model, chat.params)
             return await streaming.start(
-                pieces, streaming.chat_encoder(fields), streaming.chat_error_event, fields, self._release
+                pieces,
+                streaming.chat_encoder(fields),
+                streaming.chat_error_event,
+                fields,
+                self._release,
+                request.receive,
             )
         with self._slot(fields):
-            result = await upstream.chat(chat.messages, model, chat.params)
+            result = await lifetimes.while_connected(request.receive, upstream.chat(chat.messages, model, chat.params))
         streaming.log_result(
             fields, result.model, result.usage, fields.get("completion") is not None and result.content
         )
@@ -148,19 +156,22 @@ class Service:
         body = completion.body
         await self._admit(request, body["messages"], body.get("max_completion_tokens") or body.get("max_tokens"))
         if completion.stream:
+            fields["stream"] = True
             self._acquire()
             body, strip_usage = self.quota.ask_for_usage(body) if self.quota else (body, False)
             events, encode = upstream.stream_events(body), streaming.relay_encoder(fields, strip_usage)
-            return await streaming.start(events, encode, streaming.openai_error_event, fields, self._release)
+            return await streaming.start(
+                events, encode, streaming.openai_error_event, fields, self._release, request.receive
+            )
         with self._slot(fields):
-            raw, data = await upstream.complete(completion.body)
+            raw, data = await lifetimes.while_connected(request.receive, upstream.complete(completion.body))
         streaming.note_completion(fields, data)
         return Response(raw, media_type=_JSON)
 
     async def models(self, request: Request) -> Response:
         await self._admit(request, None, 0)
         with self._slot(request.scope[LOG_FIELDS]):
-            listing = await self._upstream().models()
+            listing = await lifetimes.while_connected(request.receive, self._upstream().models())
         allowed = self._allowed_models(request)
         if allowed and isinstance(listing.get("data"), list):
             listing["data"] = [m for m in listing["data"] if isinstance(m, dict) and m.get("id") in allowed]

@@ -104,7 +104,8 @@ class Upstream:
     async def stream_events(self, body: dict[str, Any]) -> AsyncGenerator[list[tuple[bytes, Any]]]:
         """Yield, per read from Groq, its complete SSE events as (raw event without its blank line, parsed data).
 
-        GROQ_TIMEOUT bounds everything up to the first read, GROQ_STREAM_IDLE_TIMEOUT each later one.
+        GROQ_TIMEOUT bounds everything up to the first read, GROQ_STREAM_IDLE_TIMEOUT each later one: Groq's
+        silence only, counted from when the next read is asked for, not the time our client takes to read.
         The upstream response is closed however the caller stops, so Groq stops generating.
         """
         body = {**body, "stream": True}
@@ -124,7 +125,6 @@ class Upstream:
                 while True:  # read to the end even after [DONE], so the connection goes back to the pool
                     async with asyncio.timeout_at(deadline):
                         data = await anext(reads, None)
-                    deadline = loop.time() + self._idle_timeout
                     if data is None:
                         break
                     events, pending = ([], b"") if done else groq_wire.split_events(pending + data)
@@ -133,6 +133,7 @@ class Upstream:
                     if events:
                         done = events[-1][1] == "[DONE]"
                         yield events
+                    deadline = loop.time() + self._idle_timeout
                 if not done:
                     raise errors.UpstreamError("Groq ended the stream before it was complete; try again.")
             finally:

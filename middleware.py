@@ -61,16 +61,20 @@ class RequestLog:
 
         async def send_with_id(message: Message) -> None:
             nonlocal response_started
-            if message["type"] == "http.response.start":
-                response_started = True
-                fields["status"] = message["status"]
+            starting = message["type"] == "http.response.start"
+            if starting:
                 message["headers"] = [*message.get("headers", ()), id_header]
             await send(message)
+            if starting:  # a status counts once the server took it (a send can fail when the client has gone)
+                response_started = True
+                fields["status"] = message["status"]
 
         try:
             await self.app(scope, receive, send_with_id)
         except ClientDisconnect:
             fields["disconnected"] = True
+            if not response_started:
+                fields["status"] = 499  # nginx's "client closed request": the client saw no status
         except Exception as exc:
             error = exc if isinstance(exc, ServiceError) else ServiceError()
             if not isinstance(exc, ServiceError):

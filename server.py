@@ -27,13 +27,14 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from app import configure_from_environment, create_app
 from config import Settings
 from errors import HeadersTooLarge, InvalidRequest, ServiceError
+from lifetimes import WriteDeadline
 
 _MAX_HEAD_BYTES = 32 * 1024
 _MAX_HEAD_LINES = 100
 logger = logging.getLogger("service")
 
 
-class _GuardedProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+class _GuardedProtocol(WriteDeadline, AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     cycle: Any
     transport: asyncio.Transport
     app_state: dict[str, Any]

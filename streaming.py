@@ -1,20 +1,22 @@
 """Server-sent events: a stream starts only once its first piece is in hand, then relays the rest.
 
 An error before the first piece is an ordinary JSON error response; after it, an error can only end
-the stream with one error event. However the stream ends, the upstream generator is closed and
-`release` is called, so Groq stops generating and the concurrency slot is freed at once.
+the stream with one error event. However the stream ends (its client gone while Groq is silent, or
+`send` failing before the first event), the upstream generator is closed and `release` is called
+once, so Groq stops generating and the concurrency slot is freed at once.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+import lifetimes
 import logging_config
 from errors import ServiceError
 from groq_wire import ChatResult
@@ -32,18 +34,38 @@ async def start(
     error_event: Callable[[ServiceError], bytes],
     fields: dict[str, Any],
     release: Callable[[], None],
+    receive: Receive,
 ) -> Response:
-    """Wait for the first piece, then answer 200 with the event stream; the caller holds a slot for it."""
+    """Wait for the first piece while the client stays, then answer 200 with the event stream.
+
+    The caller holds a slot for it: `release` is called exactly once, however the stream ends.
+    """
     started = time.perf_counter()
+    close = _closer(pieces, release)
     try:
-        first = await anext(pieces)
+        first = await lifetimes.while_connected(receive, anext(pieces))
     except BaseException:
-        await pieces.aclose()
-        release()
+        await close()
         raise
     fields["upstream_ms"] = elapsed_ms(started)
-    events = _relay(first, pieces, encode, error_event, fields, release)
-    return _EventStream(events, headers=_HEADERS)
+    events = _relay(first, pieces, encode, error_event, fields, close)
+    return _EventStream(events, close, headers=_HEADERS)
+
+
+def _closer(pieces: AsyncGenerator[Any], release: Callable[[], None]) -> Callable[[], Awaitable[None]]:
+    """Close the upstream generator and free the slot, once, even if closing raises."""
+    done = False
+
+    async def close() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            try:
+                await pieces.aclose()
+            finally:
+                release()
+
+    return close
 
 
 async def _relay(
@@ -52,7 +74,7 @@ async def _relay(
     encode: Encoder,
     error_event: Callable[[ServiceError], bytes],
     fields: dict[str, Any],
-    release: Callable[[], None],
+    close: Callable[[], Awaitable[None]],
 ) -> AsyncGenerator[bytes]:
     finished = False
     try:
@@ -68,23 +90,27 @@ async def _relay(
     finally:
         if not finished:
             fields["disconnected"] = True
-        await pieces.aclose()
-        release()
+        await close()
 
 
 class _EventStream(StreamingResponse):
-    """A StreamingResponse that always closes its generator, so the upstream stream and the
-    concurrency slot are released as soon as the client goes, not when the generator is collected."""
+    """A StreamingResponse that always closes its generator and the upstream, so the upstream stream and
+    the concurrency slot are released as soon as the client goes, not when the generator is collected,
+    and also when `send` fails before the generator has started (its `finally` would then never run)."""
 
-    def __init__(self, events: AsyncGenerator[bytes], **kwargs: Any) -> None:
+    def __init__(self, events: AsyncGenerator[bytes], close: Callable[[], Awaitable[None]], **kwargs: Any) -> None:
         super().__init__(events, **kwargs)
         self._events = events
+        self._close = close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self._events.aclose()
+            try:
+                await self._events.aclose()
+            finally:
+                await self._close()
 
 
 def chat_encoder(fields: dict[str, Any]) -> Callable[[list[tuple[str, str]] | ChatResult], bytes]:

@@ -2,7 +2,8 @@
 
 The real groq SDK talks to it over a socket. What it answers is chosen per request by the `model`
 in the body (`fake.behaviours[model]`, else `fake.default`); everything it receives is recorded in
-`fake.received`, and how each stream ended in `fake.stream_ends`.
+`fake.received`, how each stream ended in `fake.stream_ends`, and each request whose client closed
+the connection before the answer in `fake.closed_early`.
 Run as a script (`python tests/fake_groq.py --port 9000`) it serves the benchmark's models too.
 """
 
@@ -80,6 +81,8 @@ class FakeGroq:
         self._server: asyncio.Server | None = None
         self.port = 0
         self.connections = 0  # accepted, for the benchmark's count of upstream connections opened
+        self.models_delay = 0.0  # before the answer to GET /openai/v1/models
+        self.closed_early: list[tuple[str, float]] = []  # (path, monotonic time) of a client gone before its answer
 
     @property
     def url(self) -> str:
@@ -140,14 +143,16 @@ class FakeGroq:
             error = {"message": "Invalid API Key", "type": "invalid_request_error", "code": "invalid_api_key"}
             return self._send_json(writer, 401, {"error": error})
         if (method, path) == ("GET", MODELS_PATH):
+            if self.models_delay and await self._closed_during(path, self.models_delay, reader):
+                return False
             data = [{"id": m, "object": "model", "created": 1, "owned_by": "fake", "active": True} for m in MODELS]
             return self._send_json(writer, 200, {"object": "list", "data": data})
         if (method, path) != ("POST", CHAT_PATH):
             error = {"message": "Unknown request URL", "type": "invalid_request_error", "code": "unknown_url"}
             return self._send_json(writer, 404, {"error": error})
         behaviour = self.behaviours.get(str(body.get("model")), self.default)
-        if behaviour.delay:
-            await asyncio.sleep(behaviour.delay)
+        if behaviour.delay and await self._closed_during(path, behaviour.delay, reader):
+            return False
         if behaviour.hold is not None:
             await _held(behaviour.hold)
         extra = behaviour.headers
@@ -231,6 +236,17 @@ class FakeGroq:
             await asyncio.wait({closed}, timeout=0.01)
         self.content_waits.append(how)
         return how == "client_closed"
+
+    async def _closed_during(self, path: str, seconds: float, reader: asyncio.StreamReader) -> bool:
+        """Wait `seconds` before answering, unless the client closes the connection first (then recorded)."""
+        read = asyncio.ensure_future(reader.read(1))  # EOF (b"") or a reset when the client closes
+        await asyncio.wait({read}, timeout=seconds)
+        read.cancel()
+        await asyncio.wait({read})  # settled before the connection's next read
+        closed = read.done() and not read.cancelled() and (read.exception() is not None or read.result() == b"")
+        if closed:
+            self.closed_early.append((path, time.monotonic()))
+        return closed
 
 
 _REQ = "req_01kh52ndshfr2azv0xe6tnv4fx"

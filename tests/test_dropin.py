@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import groq
@@ -207,12 +209,19 @@ def test_sdk_retry_honours_retry_after(fake: FakeGroq, start_service: Any) -> No
 
 
 def test_overload_is_503_with_retry_after(fake: FakeGroq, start_service: Any) -> None:
+    fake.behaviours["slow"] = Behaviour(delay=2)
     service = start_service(groq_env(fake, MAX_CONCURRENCY="1"))
-    service.app.state.service.in_flight = 1  # a request is in flight
-    with groq_client(service) as client, pytest.raises(groq.InternalServerError) as caught:
-        client.chat.completions.create(messages=MESSAGES, model="m")  # type: ignore[arg-type]
+    with ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(httpx.post, service.url + "/chat", json={"prompt": "hi", "model": "slow"}, timeout=10)
+        deadline = time.monotonic() + 10
+        while not fake.received:  # the one slot is taken by a request Groq is slow to answer
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with groq_client(service) as client, pytest.raises(groq.InternalServerError) as caught:
+            client.chat.completions.create(messages=MESSAGES, model="m")  # type: ignore[arg-type]
+        assert busy.result().status_code == 200
     assert caught.value.status_code == 503 and caught.value.response.headers["retry-after"] == "1"
-    service.app.state.service.in_flight = 0
+    assert caught.value.response.json()["error"]["code"] == "overloaded"
 
 
 def test_mid_stream_error_raises_in_the_sdk(proxy: Service, fake: FakeGroq) -> None:

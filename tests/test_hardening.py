@@ -347,12 +347,6 @@ def test_sigterm_repeated_until_exit_still_exits_zero(fake: FakeGroq, start_proc
     assert proc.wait() == 0
 
 
-def test_readyz_reports_draining(service: Service) -> None:
-    service.app.state.service.draining = True
-    assert service.client.get("/readyz").status_code == 503
-    assert service.client.get("/readyz").json() == {"status": "not_ready", "reason": "shutting down"}
-
-
 def test_canary_secrets_never_leak(fake: FakeGroq, start_service: Any) -> None:
     """Every case above, with recognisable fake secrets: neither shows up in any response or log line."""
     service = start_service(
