@@ -21,6 +21,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
+import h11
 from starlette.types import Message, Receive, Scope, Send
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
@@ -76,6 +77,8 @@ class _Transport(asyncio.Transport):
 class GuardedProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     app: Any
     cycle: Any
+    headers: list[tuple[bytes, bytes]] | None
+    url: bytes
     client: tuple[str, int] | None
     transport: asyncio.Transport
     app_state: dict[str, Any]
@@ -113,12 +116,9 @@ class GuardedProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             self._head_cycle, self._head_bytes = self.cycle, 0
         in_head = not self._body_arriving()
         super().data_received(data)
-        # A read that began and ended inside one head counts whole; a head begun after a body or another
-        # head in the same read is counted by `_head_refusal` once complete (and one read is bounded).
         if in_head and self.cycle is self._head_cycle and not self._body_arriving():
-            self._head_bytes += len(data)
-            if self._head_bytes > _MAX_HEAD_BYTES:
-                self._refuse(HeadersTooLarge(_HEAD_RULE))
+            self._head_bytes += len(data)  # a read that began and ended inside one head
+        self._check_head()
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to bytes its parser refused: ours is the envelope and an access line."""
@@ -129,7 +129,8 @@ class GuardedProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             self._refuse(InvalidRequest(_MALFORMED))
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
+        super().on_response_complete()  # h11 parses what was pipelined only now
+        self._check_head()
         if self._pending is not None and self._idle() and not self.transport.is_closing():
             self._write_refusal(self._pending)
         self._arm()
@@ -208,6 +209,21 @@ class GuardedProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             self._linger_timer = asyncio.get_running_loop().call_later(_LINGER_SECONDS, self._socket.close)
         else:
             self._socket.close()
+
+    def _check_head(self) -> None:
+        """A head still arriving, over the limit: refused without waiting for its end (a complete one is
+        checked by `_head_refusal`)."""
+        if max(self._head_bytes, self._head_so_far()) > _MAX_HEAD_BYTES and not self.transport.is_closing():
+            self._refuse(HeadersTooLarge(_HEAD_RULE))
+
+    def _head_so_far(self) -> int:
+        """The part of an incomplete head the parser holds: also one that arrived in a read with other requests."""
+        conn = getattr(self, "conn", None)
+        if conn is not None:  # h11 keeps an incomplete head whole in its buffer, and parses it once complete
+            return len(conn.trailing_data[0]) if conn.their_state is h11.IDLE else 0
+        if self.headers is None or (self.cycle is not None and self.cycle.scope["headers"] is self.headers):
+            return 0  # httptools: no head begun since the newest complete one
+        return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
 
     def _body_arriving(self) -> bool:
         """The newest request's body is not all read yet (on a pipelined connection, earlier ones are)."""
