@@ -17,7 +17,11 @@ from typing import Any
 import pytest
 from conftest import CLIENT_TOKEN, Service, groq_env
 from fake_groq import FakeGroq
+from starlette.testclient import TestClient
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+from app import create_app
+from config import load_settings
 
 H11 = AutoHTTPProtocol.__name__ == "H11Protocol"
 HEAD_RULE = "The request head must be at most 16 KiB, each line at most 8 KiB, with at most 100 headers."
@@ -352,3 +356,26 @@ def test_python_app_py_refuses_cleanly_and_stays_up(fake: FakeGroq, start_proces
     assert (access[refused_id]["status"], access[refused_id]["error"]) == (431, "headers_too_large")
     assert len([line for line in lines if line["msg"] == "request" and line["status"] >= 400]) == 2
     assert not any("exc" in line or line["level"] == "ERROR" for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("length", "status", "kind", "message"),
+    [
+        ("9" * 5000, 400, "invalid_request", "Content-Length must be the body's size in bytes: at most 20 digits."),
+        ("1" * 4301, 400, "invalid_request", "Content-Length must be the body's size in bytes: at most 20 digits."),
+        ("9" * 20, 413, "payload_too_large", TOO_LARGE),
+    ],
+)
+def test_the_app_itself_reads_any_content_length_safely(
+    fake: FakeGroq, length: str, status: int, kind: str, message: str
+) -> None:
+    """Behind an ASGI server that does not check Content-Length (Starlette's TestClient is one), the app gets
+    whatever the client sent: int() refuses over 4,300 digits, so the app must not ask it to."""
+    app = create_app(load_settings(groq_env(fake)))
+    with TestClient(app, client=("127.0.0.1", 50000)) as client:
+        headers = {"content-type": "application/json", "content-length": length}
+        response = client.post("/chat", content=b'{"prompt": "hi"}', headers=headers)
+    assert response.status_code == status
+    request_id = response.headers["x-request-id"]
+    assert response.json() == {"error": {"type": kind, "message": message, "request_id": request_id}}
+    assert fake.received == []
