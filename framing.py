@@ -124,6 +124,7 @@ class GuardedProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         """uvicorn's answer to bytes its parser refused: ours is the envelope and an access line."""
         if self._body_arriving() and not self.cycle.response_started:
             self._broken = True  # in a body the app is reading: the app answers, see `_guard`
+            self.transport.pause_reading()  # until the answer is written; then what follows is dropped
             self.cycle.message_event.set()
         else:
             self._refuse(InvalidRequest(_MALFORMED))
@@ -144,7 +145,7 @@ class GuardedProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     async def _guard(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The app behind a check of the parsed head, a body whose framing broke, and Connection: close
         on an answer given before the body arrived (the rest is then dropped, never parsed)."""
-        error = _head_refusal(scope) if scope["type"] == "http" else None
+        error = _head_refusal(scope)
         if error is not None:
             await self._answer(error, scope, send)
             return

@@ -379,3 +379,41 @@ def test_the_app_itself_reads_any_content_length_safely(
     request_id = response.headers["x-request-id"]
     assert response.json() == {"error": {"type": kind, "message": message, "request_id": request_id}}
     assert fake.received == []
+
+
+def test_a_stop_does_not_wait_for_a_connection_being_drained(service: Service) -> None:
+    with socket.create_connection(("127.0.0.1", _port(service.url)), timeout=10) as sock:
+        sock.sendall(_request("POST", "/chat", f"{JSON}Content-Length: {len(BIG)}\r\n", BIG[:100_000]))
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        _assert_envelope(_responses(answer)[0], 413, "payload_too_large", TOO_LARGE)
+        service.stop()  # the client has neither finished its body nor closed: the service drops it at once
+    assert "Waiting for connections to close" not in service.log_text()
+
+
+def test_a_client_that_keeps_sending_after_the_answer_is_cut_off(service: Service) -> None:
+    """What follows a refusal is dropped up to 16 MiB; past that the service closes the socket for good."""
+    chunk = b"x" * 65536
+    with socket.create_connection(("127.0.0.1", _port(service.url)), timeout=10) as sock:
+        sock.sendall(_request("POST", "/chat", f"{JSON}Content-Length: {64 * 1024 * 1024}\r\n", b""))
+        failed: list[OSError] = []
+
+        def send() -> None:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:  # far more than 16 MiB could take, and the end is asserted
+                try:
+                    sock.sendall(chunk)
+                except OSError as exc:
+                    failed.append(exc)
+                    return
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        answer = b""
+        while data := sock.recv(65536):
+            answer += data
+        sender.join(20)
+    _assert_envelope(_responses(answer)[0], 413, "payload_too_large", TOO_LARGE)
+    assert len(failed) == 1 and isinstance(failed[0], BrokenPipeError | ConnectionResetError)
+    assert service.client.get("/healthz").status_code == 200
