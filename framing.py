@@ -29,9 +29,9 @@ import logging_config
 from errors import HeadersTooLarge, InvalidRequest, ServiceError
 from middleware import elapsed_ms
 
-_MAX_HEAD_BYTES = 16 * 1024  # a whole request head, and one line of it: nginx's, Node's and h11's defaults
-_MAX_LINE_BYTES = 8 * 1024
-_MAX_HEADERS = 100  # Apache's default
+_MAX_HEAD_BYTES = 16 * 1024  # a whole request head (Node's and h11's default)
+_MAX_LINE_BYTES = 8 * 1024  # one line of it (nginx's and Apache's)
+_MAX_HEADERS = 100  # (Apache's)
 H11_BUFFER_BYTES = 1024 * 1024  # h11's own bound on unparsed bytes: a backstop well above ours, so ours answers
 _LINGER_SECONDS = 5.0  # after refusing a request whose body is still arriving: drop what follows this long at most
 _LINGER_BYTES = 16 * 1024 * 1024  # or this many bytes, then close
