@@ -88,9 +88,11 @@ class GuardedProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         self._app, self.app = self.app, self._guard  # every request, pipelined ones too, is checked on its turn
         self._deadline: asyncio.TimerHandle | None = None
         self._linger_timer: asyncio.TimerHandle | None = None
+        # _refused: we answered below the app; _broken: the parser failed inside a body; _lingering: half-closed,
+        # dropping what arrives; _pending: a refusal waiting for the answers to earlier requests.
         self._lingering = self._refused = self._broken = False
         self._pending: ServiceError | None = None
-        self._head_cycle: Any = None
+        self._head_cycle: Any = None  # the newest request when `_head_bytes` (reads inside one head) began
         self._head_bytes = self._linger_left = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:

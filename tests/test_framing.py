@@ -109,48 +109,36 @@ def _request(method: str, path: str, headers: str, body: bytes) -> bytes:
 
 TOO_LARGE = "The body must be at most 1048576 bytes (MAX_BODY_BYTES)."
 JSON = "Content-Type: application/json\r\n"
-EARLY_REFUSALS = [
-    # (settings, method, path, headers, status, type, message)
-    ({}, "POST", "/chat", JSON, 413, "payload_too_large", TOO_LARGE),
-    ({}, "POST", "/chat", JSON + "Connection: close\r\n", 413, "payload_too_large", TOO_LARGE),
-    ({}, "POST", "/chat", JSON + "Transfer-Encoding: chunked\r\n", 413, "payload_too_large", TOO_LARGE),
-    (
-        {"SERVICE_API_KEYS": CLIENT_TOKEN},
-        "POST",
-        "/chat",
-        JSON,
-        401,
-        "unauthorized",
-        "A valid service token is required: send Authorization: Bearer <token>.",
+UNAUTHORIZED = "A valid service token is required: send Authorization: Bearer <token>."
+NOT_FOUND = "No route matches this path; the endpoints are listed in the README."
+NOT_JSON = "Send the body as JSON with Content-Type: application/json."
+NO_KEY = "GROQ_API_KEY is not set; the operator must set it before /chat can answer."
+EARLY_REFUSALS = [  # (settings, method, path, headers, status, type, message)
+    pytest.param({}, "POST", "/chat", JSON, 413, "payload_too_large", TOO_LARGE, id="413"),
+    pytest.param(
+        {}, "POST", "/chat", JSON + "Connection: close\r\n", 413, "payload_too_large", TOO_LARGE, id="413-close"
     ),
-    (
-        {},
-        "POST",
-        "/nowhere",
-        JSON,
-        404,
-        "not_found",
-        "No route matches this path; the endpoints are listed in the README.",
-    ),
-    ({}, "PUT", "/chat", JSON, 405, "method_not_allowed", "This method is not allowed here; use POST."),
-    (
+    pytest.param(
         {},
         "POST",
         "/chat",
-        "Content-Type: text/plain\r\n",
-        415,
-        "unsupported_media_type",
-        "Send the body as JSON with Content-Type: application/json.",
+        JSON + "Transfer-Encoding: chunked\r\n",
+        413,
+        "payload_too_large",
+        TOO_LARGE,
+        id="413-chunked",
     ),
-    (
-        {"GROQ_API_KEY": ""},
-        "POST",
-        "/chat",
-        JSON,
-        503,
-        "not_configured",
-        "GROQ_API_KEY is not set; the operator must set it before /chat can answer.",
+    pytest.param(
+        {"SERVICE_API_KEYS": CLIENT_TOKEN}, "POST", "/chat", JSON, 401, "unauthorized", UNAUTHORIZED, id="401"
     ),
+    pytest.param({}, "POST", "/nowhere", JSON, 404, "not_found", NOT_FOUND, id="404"),
+    pytest.param(
+        {}, "PUT", "/chat", JSON, 405, "method_not_allowed", "This method is not allowed here; use POST.", id="405"
+    ),
+    pytest.param(
+        {}, "POST", "/chat", "Content-Type: text/plain\r\n", 415, "unsupported_media_type", NOT_JSON, id="415"
+    ),
+    pytest.param({"GROQ_API_KEY": ""}, "POST", "/chat", JSON, 503, "not_configured", NO_KEY, id="503"),
 ]
 
 
