@@ -10,6 +10,7 @@ import contextlib
 import functools
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("service")
 _JSON = "application/json"
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,20}")  # as h11 reads it; httptools allows up to 2**64
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -225,7 +227,9 @@ class Service:
             raise errors.UnsupportedMediaType("Send the body as JSON with Content-Type: application/json.")
         limit = self.settings.max_body_bytes
         length = request.headers.get("content-length")
-        size = limit + 1 if length and length.isdigit() and int(length) > limit else 0  # then refused unread
+        if length is not None and not _CONTENT_LENGTH.fullmatch(length):  # int() refuses over 4,300 digits
+            raise errors.InvalidRequest("Content-Length must be the body's size in bytes: at most 20 digits.")
+        size = limit + 1 if length and int(length) > limit else 0  # then refused unread
         chunks: list[bytes] = []
         if size <= limit:
             try:
