@@ -215,7 +215,7 @@ class Service:
 
 
 def _json(payload: dict[str, Any], status: int = 200) -> Response:
-    return Response(json.dumps(payload, ensure_ascii=False).encode(), status, media_type=_JSON)
+    return Response(errors.encode_json(payload), status, media_type=_JSON)
 
 
 async def _service_error(request: Request, exc: Exception) -> Response:

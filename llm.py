@@ -77,7 +77,7 @@ class Upstream:
     async def complete(self, body: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
         """POST a chat completion; returns Groq's raw body and its parsed form."""
         raw = await self._call(CHAT_PATH, body)
-        return raw, groq_wire.json_object(raw)
+        return raw, groq_wire.completion(raw)
 
     async def chat(self, messages: Messages, model: str, params: dict[str, Any]) -> ChatResult:
         _, data = await self.complete({"messages": messages, "model": model, **params})
@@ -119,7 +119,7 @@ class Upstream:
                     deadline = loop.time() + self._idle_timeout
                     if data is None:
                         break
-                    events, pending = ([], b"") if done else groq_wire.split_events(pending + data)
+                    events, pending = ([], b"") if done else groq_wire.split_events(pending + data, self._secret)
                     if len(pending) > _MAX_EVENT_BYTES:
                         raise errors.UpstreamError("Groq sent a stream event too large to relay; try again.")
                     if events:

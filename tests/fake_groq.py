@@ -42,6 +42,8 @@ class Behaviour:
     finish_reason: str = "stop"
     tool_call: dict[str, Any] | None = None  # {"name": ..., "arguments": "..."}: answer with a tool call
     message_extra: dict[str, Any] = field(default_factory=dict)  # more fields in the answer's message
+    raw_events: list[bytes] | None = None  # a stream sends these (raw SSE bytes, one write each) instead
+    models_body: bytes | None = None  # on `fake.default`: sent verbatim for GET /openai/v1/models
 
     def pieces(self) -> list[str]:
         if self.chunks is not None:
@@ -125,6 +127,8 @@ class FakeGroq:
         if headers.get("authorization") != f"Bearer {self.api_key}":
             error = {"message": "Invalid API Key", "type": "invalid_request_error", "code": "invalid_api_key"}
             return self._send_json(writer, 401, {"error": error})
+        if (method, path) == ("GET", MODELS_PATH) and self.default.models_body is not None:
+            return self._send(writer, 200, self.default.models_body, "application/json")
         if (method, path) == ("GET", MODELS_PATH):
             data = [{"id": m, "object": "model", "created": 1, "owned_by": "fake", "active": True} for m in MODELS]
             return self._send_json(writer, 200, {"object": "list", "data": data})
@@ -164,7 +168,7 @@ class FakeGroq:
         head += f"x-request-id: {_REQ}\r\n\r\n"
         writer.write(head.encode())
         closed = asyncio.ensure_future(reader.read(1))  # the client closing its end shows up as EOF here
-        events = list(_stream_events(body, b))
+        events = list(_stream_events(body, b) if b.raw_events is None else b.raw_events)
         sent_content = 0
         i = 0
         try:
