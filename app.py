@@ -148,10 +148,8 @@ class Service:
     async def models(self, request: Request) -> Response:
         with self._slot(request.scope[LOG_FIELDS]):
             listing = await self._upstream().models()
-        if self.settings.allowed_models and isinstance(listing.get("data"), list):
-            listing["data"] = [
-                m for m in listing["data"] if isinstance(m, dict) and m.get("id") in self.settings.allowed_models
-            ]
+        if self.settings.allowed_models:
+            listing["data"] = [m for m in listing["data"] if m["id"] in self.settings.allowed_models]
         return _json(listing)
 
     def _log_request(self, request: Request, model: str, messages: object) -> dict[str, Any]:

@@ -80,6 +80,15 @@ def completion(raw: bytes) -> dict[str, Any]:
     return data
 
 
+def model_list(raw: bytes) -> dict[str, Any]:
+    """Groq's model list, with `data` a list of objects each with a text `id` (what ALLOWED_MODELS filters on)."""
+    data = json_object(raw)
+    models = data.get("data")
+    if not (isinstance(models, list) and all(isinstance(m, dict) and isinstance(m.get("id"), str) for m in models)):
+        raise errors.UpstreamError("Groq sent a model list of an unexpected shape; try again.")
+    return data
+
+
 def well_formed(data: dict[str, Any]) -> bool:
     """What the service reads of a completion or a stream chunk is an object, a list, text or null as documented:
     `model`, `usage`, `x_groq.usage`, and each choice's `finish_reason` and `message`/`delta` text."""

@@ -84,7 +84,7 @@ class Upstream:
         return groq_wire.result(data)
 
     async def models(self) -> dict[str, Any]:
-        return groq_wire.json_object(await self._call(MODELS_PATH, None))
+        return groq_wire.model_list(await self._call(MODELS_PATH, None))
 
     async def _call(self, path: str, body: dict[str, Any] | None) -> bytes:
         with groq_wire.mapped_errors(self._secret), self._client() as client:

@@ -14,6 +14,9 @@ import pytest
 from conftest import CLIENT_TOKEN, Service, groq_env
 from fake_groq import API_KEY, Behaviour, FakeGroq
 
+import errors
+import groq_wire
+
 AUTH = {"authorization": f"Bearer {CLIENT_TOKEN}", "content-type": "application/json"}
 SDK = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -252,6 +255,15 @@ def test_groq_text_holding_a_lone_surrogate_is_passed_on_escaped(proxy: Service,
     assert access_of(proxy, response)["status"] == 200
 
 
+@pytest.mark.parametrize(
+    "listing", [{"data": "x"}, {"data": [1]}, {"data": [{"id": 5}]}, {"data": [{"object": "model"}]}, {}]
+)
+def test_a_model_list_of_the_wrong_shape_is_502(proxy: Service, fake: FakeGroq, listing: dict[str, Any]) -> None:
+    fake.default = Behaviour(models_body=json.dumps(listing).encode())
+    error = error_of(proxy.client.get("/openai/v1/models", headers=AUTH), 502, "upstream_error")
+    assert error["message"] == "Groq sent a model list of an unexpected shape; try again."
+
+
 # Item: Groq's messages are masked for the key before they are cut, on every path.
 
 
@@ -399,6 +411,14 @@ def test_an_error_body_is_at_most_16_kib(proxy: Service) -> None:
     assert 12 * 1024 < len(response.content) <= 16 * 1024
     assert 5 <= len(error["details"]) < 20
     assert error["details"][0]["field"] == ESCAPED * 60 + "0"
+
+
+def test_the_envelope_never_passes_its_bound() -> None:
+    """No request path builds a message this long; the bound holds anyway, and text it did not make never breaks it."""
+    body = errors.ValidationError("\ud800" * 5000, details=({"field": "\udfff", "message": "m"},)).body("r")
+    error = json.loads(body)["error"]
+    assert len(body) <= errors.MAX_BODY_BYTES and error["message"] == "\ud800" * 1000 and "details" not in error
+    assert groq_wire.mask("no key here", "") == "no key here"
 
 
 def _rss_kib(pid: int) -> int:
