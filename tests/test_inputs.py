@@ -181,6 +181,12 @@ def test_a_completion_of_the_wrong_shape_is_502(proxy: Service, fake: FakeGroq, 
     assert access_of(proxy, response)["error"] == "upstream_error"
 
 
+def test_chat_needs_the_model_groq_names(proxy: Service, fake: FakeGroq) -> None:
+    fake.default = Behaviour(raw_body=json.dumps({**GOOD, "model": None}).encode())
+    error_of(post(proxy, "/chat", {"prompt": "hi"}), 502, "upstream_error")
+    assert post(proxy, SDK, {"model": "m", "messages": MESSAGES}).status_code == 200  # relayed as Groq sent it
+
+
 def event(data: object) -> bytes:
     return b"data: " + (data if isinstance(data, bytes) else json.dumps(data).encode()) + b"\n\n"
 
@@ -219,6 +225,13 @@ def test_a_stream_event_of_the_wrong_shape_ends_the_stream_with_one_error(
     access = access_of(proxy, response)
     assert access["error"] == "upstream_error"
     assert "disconnected" not in access
+
+
+def test_stream_comments_are_skipped(proxy: Service, fake: FakeGroq) -> None:
+    fake.default = Behaviour(raw_events=[event(CHUNK), b": keep-alive\n\n", event(CHUNK), b"data: [DONE]\n\n"])
+    response = post(proxy, "/chat", {"prompt": "hi", "stream": True})
+    assert response.text.startswith('data: {"content": "a"}\n\ndata: {"content": "a"}\n\ndata: {"content": ""')
+    assert access_of(proxy, response).get("error") is None
 
 
 @pytest.mark.parametrize("path", ["/chat", SDK])
@@ -404,6 +417,13 @@ def test_many_field_errors_list_twenty(proxy: Service, path: str) -> None:
     assert error["message"].endswith(" (and 111842 more).")
 
 
+def test_field_errors_past_twenty_are_counted(proxy: Service) -> None:
+    messages = [{"role": "bot", "content": "x"}] * 25
+    error = error_of(post(proxy, "/chat", {"messages": messages}), 422, "validation_error")
+    assert fields_of(error) == [f"messages[{i}].role" for i in range(20)]
+    assert error["message"].endswith("messages[4].role must be one of system, user, assistant (and 20 more).")
+
+
 def test_an_error_body_is_at_most_16_kib(proxy: Service) -> None:
     keys = {"\ud800" * 60 + str(i): 0 for i in range(30)}
     response = post(proxy, SDK, {"model": "m", "messages": MESSAGES, **keys})
@@ -497,7 +517,7 @@ def _deep_raw(field_path: str, depth: int) -> bytes:
 
 
 @pytest.mark.parametrize("field", ["tools[0].function.parameters", "response_format.json_schema.schema", "metadata"])
-@pytest.mark.parametrize("depth", [65, 964])
+@pytest.mark.parametrize("depth", [65, 300])
 def test_deep_free_form_json_is_422(proxy: Service, fake: FakeGroq, field: str, depth: int) -> None:
     error = error_of(post(proxy, SDK, _deep_raw(field, depth)), 422, "validation_error")
     assert fields_of(error) == [field]
