@@ -31,7 +31,7 @@ class ChatResult:
 def split_events(buffer: bytes, secret: str) -> tuple[list[tuple[bytes, Any]], bytes]:
     """Complete SSE events in `buffer` as (raw event without its blank line, parsed data), and the rest.
 
-    Every event is a JSON object of the shape `well_formed` checks, so the relay and the log can read it.
+    Every event is a JSON object of the shape `_well_formed` checks, so the relay and the log can read it.
     """
     if b"\r" in buffer:
         buffer = buffer.replace(b"\r\n", b"\n")
@@ -56,7 +56,7 @@ def split_events(buffer: bytes, secret: str) -> tuple[list[tuple[bytes, Any]], b
                 message = error.get("message") if isinstance(error, dict) else error
                 detail = f": {mask(message, secret)[:500]}" if isinstance(message, str) and message else ""
                 raise errors.UpstreamError(f"Groq reported an error during the stream{detail}")
-            if not well_formed(parsed):
+            if not _well_formed(parsed):
                 raise errors.UpstreamError("Groq sent a stream event of an unexpected shape; try again.")
             events.append((block, parsed))
     return events, rest
@@ -75,7 +75,7 @@ def json_object(raw: bytes) -> dict[str, Any]:
 def completion(raw: bytes) -> dict[str, Any]:
     """A chat completion body, parsed, with the fields the service reads of the types Groq documents."""
     data = json_object(raw)
-    if not well_formed(data):
+    if not _well_formed(data):
         raise errors.UpstreamError("Groq sent a body that is not a valid chat completion; try again.")
     return data
 
@@ -89,7 +89,7 @@ def model_list(raw: bytes) -> dict[str, Any]:
     return data
 
 
-def well_formed(data: dict[str, Any]) -> bool:
+def _well_formed(data: dict[str, Any]) -> bool:
     """What the service reads of a completion or a stream chunk is an object, a list, text or null as documented:
     `model`, `usage`, `x_groq.usage`, and each choice's `finish_reason` and `message`/`delta` text."""
     x_groq, choices = data.get("x_groq"), data.get("choices")

@@ -55,7 +55,7 @@ class Checker:
             if name not in known and len(self.details) >= MAX_DETAILS:
                 self.failures += 1  # only counted, so 100,000 unknown keys cost no more than a few lookups each
             elif name not in known:
-                self.fail(f"{prefix}{field_name(name)}", f"is not a known field (allowed: {', '.join(sorted(known))})")
+                self.fail(f"{prefix}{_field_name(name)}", f"is not a known field (allowed: {', '.join(sorted(known))})")
 
     def text(self, value: object, field: str) -> str | None:
         if not isinstance(value, str) or not value:
@@ -212,7 +212,7 @@ def parse_chat(body: dict[str, Any], *, allowed_models: tuple[str, ...] = ()) ->
     return ChatRequest(messages, body.get("model"), params, body.get("stream") is True)
 
 
-def field_name(name: str) -> str:
+def _field_name(name: str) -> str:
     """A client's field name as a message may show it: cut, with a lone surrogate escaped (`\\ud800`)."""
     return name[:64].encode("utf-8", "backslashreplace").decode()
 
