@@ -398,12 +398,16 @@ def test_chat_keeps_its_strict_messages(proxy: Service, messages: list[dict[str,
 # Item: error bodies are bounded, and so is the work behind them.
 
 
-def _unknown_keys(n: int) -> bytes:
-    """`n` distinct short unknown keys (base 36), as compact JSON."""
+def _key(i: int) -> str:
+    """A distinct four-character key for each i below 36**4 (base 36)."""
     digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-    keys = [digits[i // 36**3 % 36] + digits[i // 36**2 % 36] + digits[i // 36 % 36] + digits[i % 36] for i in range(n)]
+    return "".join(digits[i // 36**power % 36] for power in (3, 2, 1, 0))
+
+
+def _unknown_keys(n: int) -> bytes:
+    """`n` distinct short unknown keys, as compact JSON: 111,847 of them make a body of about 1 MiB."""
     head = b'{"model":"m","messages":[{"role":"user","content":"x"}],'
-    return head + ",".join(f'"{key}":0' for key in keys).encode() + b"}"
+    return head + ",".join(f'"{_key(i)}":0' for i in range(n)).encode() + b"}"
 
 
 @pytest.mark.parametrize("path", ["/chat", SDK])
@@ -413,7 +417,9 @@ def test_many_field_errors_list_twenty(proxy: Service, path: str) -> None:
     response = post(proxy, path, raw)
     error = error_of(response, 422, "validation_error")
     assert len(response.content) <= 16 * 1024
-    assert len(error["details"]) == 20
+    details = error["details"]  # 20, unless the SDK routes' long list of allowed fields makes them pass 16 KiB
+    assert len(details) == 20 if path == "/chat" else 15 <= len(details) <= 20
+    assert [d["field"] for d in details] == [_key(i) for i in range(len(details))]
     assert error["message"].endswith(" (and 111842 more).")
 
 
