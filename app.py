@@ -218,7 +218,7 @@ def _return_freed_memory() -> None:
     """Fix glibc's malloc thresholds (issue 11). By default each large block freed raises them (up to 32 MiB, and
     twice that may stay unreturned at the heap top), so one burst of 1 MiB bodies, each parsed into ~10 MiB of
     objects, left RSS tens of MB higher for good; with fixed thresholds, blocks over 128 KiB go back when freed."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+    with contextlib.suppress(OSError, AttributeError, TypeError):  # not glibc: nothing to do
         libc = ctypes.CDLL(None)
         libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
         libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
