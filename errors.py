@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 
+MAX_BODY_BYTES = 16 * 1024  # the largest error body: details are left out, last first, to fit
+
 
 class ServiceError(Exception):
     status = 500
@@ -46,13 +48,31 @@ class ServiceError(Exception):
             self.headers["Retry-After"] = retry_after
 
     def body(self, request_id: str, *, openai: bool = False) -> bytes:
-        """The error envelope; `openai=True` adds `code`, which the OpenAI and groq SDKs read."""
+        """The error envelope; `openai=True` adds `code`, which the OpenAI and groq SDKs read.
+
+        At most MAX_BODY_BYTES, and never fails on text it did not make: a lone surrogate (from a
+        client's field name or Groq's message) is written as its JSON escape.
+        """
         error: dict[str, object] = {"type": self.type, "message": self.message, "request_id": request_id}
         if openai:
             error["code"] = self.code or self.type
-        if self.details:
-            error["details"] = list(self.details)
-        return json.dumps({"error": error}, ensure_ascii=False).encode()
+        details = list(self.details)
+        while True:
+            if details:
+                error["details"] = details
+            else:
+                error.pop("details", None)
+            encoded = encode_json({"error": error})
+            if len(encoded) <= MAX_BODY_BYTES:
+                return encoded
+            if not details:  # only a message of thousands of escaped characters gets here
+                error["message"] = self.message[:1000]
+            details = details[:-1]
+
+
+def encode_json(payload: object) -> bytes:
+    """UTF-8 JSON that cannot fail on a lone surrogate: it becomes `\\udXXX`, the escape JSON has for it."""
+    return json.dumps(payload, ensure_ascii=False).encode("utf-8", "backslashreplace")
 
 
 class InvalidJSON(ServiceError):

@@ -36,8 +36,11 @@ class ChatResult:
         return answer
 
 
-def split_events(buffer: bytes) -> tuple[list[tuple[bytes, Any]], bytes]:
-    """Complete SSE events in `buffer` as (raw event without its blank line, parsed data), and the rest."""
+def split_events(buffer: bytes, secret: str) -> tuple[list[tuple[bytes, Any]], bytes]:
+    """Complete SSE events in `buffer` as (raw event without its blank line, parsed data), and the rest.
+
+    Every event is a JSON object of the shape `_well_formed` checks, so the relay and the log can read it.
+    """
     if b"\r" in buffer:
         buffer = buffer.replace(b"\r\n", b"\n")
     *blocks, rest = buffer.split(b"\n\n")
@@ -54,13 +57,15 @@ def split_events(buffer: bytes) -> tuple[list[tuple[bytes, Any]], bytes]:
         elif data:
             try:
                 parsed = json.loads(data)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 raise errors.UpstreamError("Groq sent a stream event that is not JSON; try again.") from exc
             if error_event or not isinstance(parsed, dict) or parsed.get("error"):
                 error = parsed.get("error") if isinstance(parsed, dict) else None
                 message = error.get("message") if isinstance(error, dict) else error
-                detail = f": {message[:500]}" if isinstance(message, str) and message else ""
+                detail = f": {mask(message, secret)[:500]}" if isinstance(message, str) and message else ""
                 raise errors.UpstreamError(f"Groq reported an error during the stream{detail}")
+            if not _well_formed(parsed):
+                raise errors.UpstreamError("Groq sent a stream event of an unexpected shape; try again.")
             events.append((block, parsed))
     return events, rest
 
@@ -68,11 +73,61 @@ def split_events(buffer: bytes) -> tuple[list[tuple[bytes, Any]], bytes]:
 def json_object(raw: bytes) -> dict[str, Any]:
     try:
         data = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         data = None
     if not isinstance(data, dict):
         raise errors.UpstreamError("Groq sent a body that is not a JSON object; try again.")
     return data
+
+
+def completion(raw: bytes) -> dict[str, Any]:
+    """A chat completion body, parsed, with the fields the service reads of the types Groq documents."""
+    data = json_object(raw)
+    if not _well_formed(data):
+        raise errors.UpstreamError("Groq sent a body that is not a valid chat completion; try again.")
+    return data
+
+
+def model_list(raw: bytes) -> dict[str, Any]:
+    """Groq's model list, with `data` a list of objects each with a text `id` (what ALLOWED_MODELS filters on)."""
+    data = json_object(raw)
+    models = data.get("data")
+    if not (isinstance(models, list) and all(isinstance(m, dict) and isinstance(m.get("id"), str) for m in models)):
+        raise errors.UpstreamError("Groq sent a model list of an unexpected shape; try again.")
+    return data
+
+
+def _well_formed(data: dict[str, Any]) -> bool:
+    """What the service reads of a completion or a stream chunk is an object, a list, text or null as documented:
+    `model`, `usage`, `x_groq.usage`, and each choice's `finish_reason` and `message`/`delta` text."""
+    x_groq, choices = data.get("x_groq"), data.get("choices")
+    return (
+        _optional(data.get("model"), str)
+        and _optional(data.get("usage"), dict)
+        and _optional(x_groq, dict)
+        and (x_groq is None or _optional(x_groq.get("usage"), dict))
+        and _optional(choices, list)
+        and all(_well_formed_choice(choice) for choice in choices or ())
+    )
+
+
+def _well_formed_choice(choice: object) -> bool:
+    if not isinstance(choice, dict) or not _optional(choice.get("finish_reason"), str):
+        return False
+    parts = [part for part in (choice.get("message"), choice.get("delta")) if part is not None]
+    return all(
+        isinstance(part, dict) and _optional(part.get("content"), str) and _optional(part.get("reasoning"), str)
+        for part in parts
+    )
+
+
+def _optional(value: object, kind: type) -> bool:
+    return value is None or isinstance(value, kind)
+
+
+def mask(text: str, secret: str) -> str:
+    """Groq's text with the service's key masked: done before any cut, so no part of the key survives."""
+    return text.replace(secret, "[redacted]") if secret else text
 
 
 def result(data: dict[str, Any]) -> ChatResult:
@@ -121,7 +176,7 @@ def mapped_errors(secret: str) -> Iterator[None]:
 def status_error(status: int, body: object, headers: httpx.Headers, secret: str) -> errors.ServiceError:
     error = body.get("error") if isinstance(body, dict) else None
     message = error.get("message") if isinstance(error, dict) else None
-    groq_message = message[:1000].replace(secret, "[redacted]") if isinstance(message, str) and message else None
+    groq_message = mask(message, secret)[:1000] if isinstance(message, str) and message else None
     if status in (400, 404, 413, 422):
         return errors.UpstreamRejected(groq_message or f"Groq rejected the request (HTTP {status}).", status=status)
     if status in (401, 403):

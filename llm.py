@@ -84,7 +84,7 @@ class Upstream:
     async def complete(self, body: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
         """POST a chat completion; returns Groq's raw body and its parsed form."""
         raw = await self._call(CHAT_PATH, body)
-        return raw, groq_wire.json_object(raw)
+        return raw, groq_wire.completion(raw)
 
     async def chat(self, messages: Messages, model: str, params: dict[str, Any]) -> ChatResult:
         _, data = await self.complete({"messages": messages, "model": model, **params})
@@ -92,7 +92,7 @@ class Upstream:
         return result if _shows_reasoning(params) else dataclasses.replace(result, reasoning=None)
 
     async def models(self) -> dict[str, Any]:
-        return groq_wire.json_object(await self._call(MODELS_PATH, None))
+        return groq_wire.model_list(await self._call(MODELS_PATH, None))
 
     async def _call(self, path: str, body: dict[str, Any] | None) -> bytes:
         with groq_wire.mapped_errors(self._secret), self._client() as client:
@@ -127,7 +127,7 @@ class Upstream:
                         data = await anext(reads, None)
                     if data is None:
                         break
-                    events, pending = ([], b"") if done else groq_wire.split_events(pending + data)
+                    events, pending = ([], b"") if done else groq_wire.split_events(pending + data, self._secret)
                     if len(pending) > _MAX_EVENT_BYTES:
                         raise errors.UpstreamError("Groq sent a stream event too large to relay; try again.")
                     if events:

@@ -5,6 +5,7 @@ Built from the shared checks in validation.py; the same rules apply (collect eve
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ from validation import (
     Validator,
     either,
     json_value,
+    kind,
     list_of,
     literal,
     shape,
@@ -31,10 +33,35 @@ class CompletionRequest:
 
 def _message(check: Checker, value: Any, field: str) -> None:
     role = value.get("role") if isinstance(value, dict) else None
-    if role not in _ROLES:
+    validator = _ROLES.get(role) if isinstance(role, str) else None
+    if validator is None:
         check.fail(f"{field}.role", f"must be one of {', '.join(_ROLES)}")
     else:
-        _ROLES[role](check, value, field)
+        validator(check, value, field)
+
+
+def _metadata(check: Checker, value: Any, field: str) -> None:
+    """OpenAI's limits: at most 16 pairs, keys of at most 64 characters, string values of at most 512."""
+    if not isinstance(value, dict) or len(value) > 16:
+        check.fail(field, f"must be an object of at most 16 string values (got {kind(value)})")
+        return
+    for key, item in value.items():
+        if len(key) > 64 or not isinstance(item, str) or len(item) > 512:
+            check.fail(field, "must have keys of at most 64 characters and string values of at most 512")
+            return
+        string(check, key, field)
+        string(check, item, field)
+
+
+def _refused(*neutral: object) -> Validator:
+    """An OpenAI parameter Groq refuses: accepted (and dropped) only as null or its neutral value."""
+    allowed = " or ".join(["null", *(json.dumps(n) for n in neutral)])
+
+    def check_refused(check: Checker, value: Any, field: str) -> None:
+        if not any(type(value) is type(n) and value == n for n in neutral):
+            check.fail(field, f"is not supported by Groq; leave it out or send {allowed}")
+
+    return check_refused
 
 
 # The SDK routes: OpenAI-format messages and the parameters Groq documents.
@@ -47,15 +74,22 @@ _USER_PART = either(
 )
 _FUNCTION_CALL = shape({"name": Checker.text, "arguments": string}, "name arguments")
 _TOOL_CALL = shape({"id": Checker.text, "type": literal("function"), "function": _FUNCTION_CALL}, "id type function")
+_SYSTEM = shape({"role": string, "content": _TEXT_CONTENT, "name": string}, "content")
 _ROLES: dict[str, Validator] = {
-    "system": shape({"role": string, "content": _TEXT_CONTENT}, "content"),
+    "system": _SYSTEM,
+    "developer": _SYSTEM,
     "user": shape(
-        {"role": string, "content": either({str: string, list: list_of(_USER_PART, 1, 256)}, "a string or parts")},
+        {
+            "role": string,
+            "content": either({str: string, list: list_of(_USER_PART, 1, 256)}, "a string or parts"),
+            "name": string,
+        },
         "content",
     ),
     "assistant": shape(
         {
             "role": string,
+            "name": string,
             "content": either(
                 {str: string, list: _TEXT_CONTENT, type(None): lambda c, v, f: None}, "a string, text parts or null"
             ),
@@ -83,8 +117,36 @@ OPENAI_PARAMS: dict[str, Validator] = {
     "parallel_tool_calls": Checker.boolean,
     "user": string,
     "n": lambda c, v, f: c.integer(v, f, 1, 1),
+    "frequency_penalty": lambda c, v, f: c.number(v, f, -2, 2),
+    "presence_penalty": lambda c, v, f: c.number(v, f, -2, 2),
+    "service_tier": literal("auto on_demand flex performance"),
+    "metadata": _metadata,
+    "store": Checker.boolean,
 }
-_OPENAI_FIELDS = frozenset(OPENAI_PARAMS)
+# Parameters of OpenAI's API that Groq answers 400 to: never forwarded, so only their "not set" values pass.
+_DROPPED: dict[str, Validator] = {
+    "logprobs": _refused(False),
+    "top_logprobs": _refused(0),
+    "logit_bias": _refused({}),
+    **dict.fromkeys(
+        [
+            "audio",
+            "function_call",
+            "functions",
+            "modalities",
+            "moderation",
+            "prediction",
+            "prompt_cache_key",
+            "prompt_cache_options",
+            "prompt_cache_retention",
+            "safety_identifier",
+            "verbosity",
+            "web_search_options",
+        ],
+        _refused(),
+    ),
+}
+_OPENAI_FIELDS = frozenset(OPENAI_PARAMS) | frozenset(_DROPPED)
 
 
 def parse_completion(body: dict[str, Any], *, allowed_models: tuple[str, ...] = ()) -> CompletionRequest:
@@ -97,8 +159,10 @@ def parse_completion(body: dict[str, Any], *, allowed_models: tuple[str, ...] = 
         if body.get(name) is None:
             check.fail(name, "is required")
     for name, value in body.items():
-        if name in OPENAI_PARAMS and value is not None:
-            OPENAI_PARAMS[name](check, value, name)
+        validator = OPENAI_PARAMS.get(name) or _DROPPED.get(name)
+        if validator is not None and value is not None:
+            validator(check, value, name)
     check.raise_if_any()
-    forwarded = {name: value for name, value in body.items() if value is not None}
+    forwarded = {name: value for name, value in body.items() if value is not None and name not in _DROPPED}
+    forwarded["messages"] = [{k: v for k, v in m.items() if k != "name"} for m in body["messages"]]  # Groq: 400
     return CompletionRequest(forwarded, body["model"], body.get("stream") is True)

@@ -1,7 +1,8 @@
 """Hand-written validation of request bodies into frozen dataclasses, for /chat and the SDK routes.
 
-Every check collects a `{"field", "message"}` detail instead of stopping at the first, and no
-message echoes a client's value back (it could be a secret pasted in the wrong place). A validator
+Every check collects a `{"field", "message"}` detail instead of stopping at the first (up to
+MAX_DETAILS; the rest are only counted), and no message echoes a client's value back (it could be a
+secret pasted in the wrong place); a client's field name is echoed escaped and cut to 64 characters. A validator
 is `(checker, value, field)`; the shapes below are built from a few of them, and both routes share
 the message, model, parameter and allowlist checks.
 """
@@ -18,6 +19,8 @@ from config import MODEL_PATTERN
 from errors import ValidationError
 
 _SURROGATE = re.compile("[\ud800-\udfff]")  # text holding one cannot be sent upstream as UTF-8
+MAX_DETAILS = 20  # field errors listed in one answer; a 1 MiB body can hold 100,000 of them
+MAX_JSON_DEPTH = 64  # levels of objects and lists in a free-form JSON value (tool parameters, schemas)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,21 +36,26 @@ class Checker:
 
     def __init__(self, allowed_models: tuple[str, ...] = ()) -> None:
         self.details: list[dict[str, str]] = []
+        self.failures = 0
         self._allowed_models = allowed_models
 
     def fail(self, field: str, message: str) -> None:
-        self.details.append({"field": field, "message": f"{field} {message}"})
+        self.failures += 1
+        if len(self.details) < MAX_DETAILS:
+            self.details.append({"field": field, "message": f"{field} {message}"})
 
     def raise_if_any(self) -> None:
         if self.details:
             summary = "; ".join(d["message"] for d in self.details[:5])
-            more = f" (and {len(self.details) - 5} more)" if len(self.details) > 5 else ""
+            more = f" (and {self.failures - 5} more)" if self.failures > 5 else ""
             raise ValidationError(f"Invalid request: {summary}{more}.", details=tuple(self.details))
 
     def unknown_fields(self, body: dict[str, Any], known: frozenset[str], prefix: str = "") -> None:
         for name in body:
-            if name not in known:
-                self.fail(f"{prefix}{name[:64]}", f"is not a known field (allowed: {', '.join(sorted(known))})")
+            if name not in known and len(self.details) >= MAX_DETAILS:
+                self.failures += 1  # only counted, so 100,000 unknown keys cost no more than a few lookups each
+            elif name not in known:
+                self.fail(f"{prefix}{_field_name(name)}", f"is not a known field (allowed: {', '.join(sorted(known))})")
 
     def text(self, value: object, field: str) -> str | None:
         if not isinstance(value, str) or not value:
@@ -59,7 +67,7 @@ class Checker:
         return None
 
     def number(self, value: object, field: str, low: float, high: float) -> None:
-        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and _finite(value)
         if not ok or not low <= value <= high:  # type: ignore[operator]
             self.fail(field, f"must be a finite number from {low:g} to {high:g} (got {kind(value)})")
 
@@ -149,14 +157,20 @@ def string(check: Checker, value: Any, field: str) -> None:
 
 
 def json_value(check: Checker, value: Any, field: str) -> None:
-    """Free-form JSON (a schema, tool parameters): only what Groq could receive as JSON text."""
-    if isinstance(value, dict | list):
-        for part in [*value, *value.values()] if isinstance(value, dict) else value:
-            json_value(check, part, field)
-    elif isinstance(value, float) and not math.isfinite(value):
-        check.fail(field, "must not hold NaN or Infinity")
-    elif isinstance(value, str):
-        string(check, value, field)
+    """Free-form JSON (a schema, tool parameters): only what Groq could receive as JSON text, at most
+    MAX_JSON_DEPTH levels deep. Walked without recursion; the first problem found is the one reported."""
+    failures, pending = check.failures, [(value, 1)]
+    while pending and check.failures == failures:
+        item, depth = pending.pop()
+        if isinstance(item, dict | list) and depth > MAX_JSON_DEPTH:
+            check.fail(field, f"must not be nested more than {MAX_JSON_DEPTH} levels deep")
+        elif isinstance(item, dict | list):
+            parts = [*item, *item.values()] if isinstance(item, dict) else item
+            pending += [(part, depth + 1) for part in parts]
+        elif isinstance(item, float) and not math.isfinite(item):
+            check.fail(field, "must not hold NaN or Infinity")
+        elif isinstance(item, str):
+            string(check, item, field)
 
 
 GENERATION_PARAMS: dict[str, Validator] = {
@@ -236,11 +250,21 @@ def parse_chat(body: dict[str, Any], *, allowed_models: tuple[str, ...] = ()) ->
     return ChatRequest(messages, body.get("model"), params, body.get("stream") is True)
 
 
+def _field_name(name: str) -> str:
+    """A client's field name as a message may show it: cut, with a lone surrogate escaped (`\\ud800`)."""
+    return name[:64].encode("utf-8", "backslashreplace").decode()
+
+
+def _finite(value: float) -> bool:
+    """math.isfinite() raises OverflowError on an int too large for a float; every int is finite."""
+    return isinstance(value, int) or math.isfinite(value)
+
+
 def kind(value: object) -> str:
     if value is None or isinstance(value, bool):
         return "null" if value is None else "a boolean"
     if isinstance(value, int | float):
-        return "a number" if math.isfinite(value) else "a non-finite number"
+        return "a number" if _finite(value) else "a non-finite number"
     if isinstance(value, str):
         return f"a string of {len(value)} characters"
     return "a list" if isinstance(value, list) else "an object"

@@ -52,6 +52,8 @@ class Behaviour:
     content_gate: threading.Event | None = None  # setting it ends content_delay early
     reasoning_unasked: bool = False  # gpt-oss's default: reasoning sent even when the request did not ask
     hold: threading.Event | None = None  # answer only once this is set (waits at most 30 s)
+    raw_events: list[bytes] | None = None  # a stream sends these (raw SSE bytes, one write each) instead
+    models_body: bytes | None = None  # on `fake.default`: sent verbatim for GET /openai/v1/models
 
     def pieces(self) -> list[str]:
         if self.chunks is not None:
@@ -142,6 +144,8 @@ class FakeGroq:
         if headers.get("authorization") != f"Bearer {self.api_key}":
             error = {"message": "Invalid API Key", "type": "invalid_request_error", "code": "invalid_api_key"}
             return self._send_json(writer, 401, {"error": error})
+        if (method, path) == ("GET", MODELS_PATH) and self.default.models_body is not None:
+            return self._send(writer, 200, self.default.models_body, "application/json")
         if (method, path) == ("GET", MODELS_PATH):
             if self.models_delay and await self._closed_during(path, self.models_delay, reader):
                 return False
@@ -185,7 +189,7 @@ class FakeGroq:
         head += f"x-request-id: {_REQ}\r\n\r\n"
         writer.write(head.encode())
         closed = asyncio.ensure_future(reader.read(1))  # the client closing its end shows up as EOF here
-        events = list(_stream_events(body, b))
+        events = list(_stream_events(body, b) if b.raw_events is None else b.raw_events)
         sent_content = 0
         i = 0
         try:

@@ -239,7 +239,7 @@ def test_mid_stream_error_raises_in_the_sdk(proxy: Service, fake: FakeGroq) -> N
         {"api_key": "x"},
         {"extra_headers": {"Authorization": "Bearer stolen"}},
         {"n": 2},
-        {"messages": [{"role": "user", "content": "x", "name": "bob"}]},
+        {"messages": [{"role": "user", "content": "x", "api_key": "bob"}]},  # `name` is accepted (issue 10)
         {"stream_options": {"include_usage": True, "host": "evil"}},
     ],
 )
