@@ -119,7 +119,6 @@ OPENAI_PARAMS: dict[str, Validator] = {
     "n": lambda c, v, f: c.integer(v, f, 1, 1),
     "frequency_penalty": lambda c, v, f: c.number(v, f, -2, 2),
     "presence_penalty": lambda c, v, f: c.number(v, f, -2, 2),
-    "service_tier": literal("auto on_demand flex performance"),
     "metadata": _metadata,
     "store": Checker.boolean,
 }
