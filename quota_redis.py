@@ -179,13 +179,11 @@ class Shared:
         return result
 
 
-def _raw(reply: object) -> Raw:
-    """The admission script's reply; ValueError when it is not the ten whole numbers it should be."""
-    r = [int(x) for x in reply.split()] if isinstance(reply, bytes) else []  # int: ValueError on `inf` or `1e+15`
-    if len(r) != 10:
-        raise ValueError("Redis sent an admission reply that is not ten whole numbers")
-    seconds = [x / 1000 if x >= 0 else -1.0 for x in (r[1], r[3], r[5], r[7])]
-    return Raw(r[0], seconds[0], r[2], seconds[1], r[4], seconds[2], r[6], seconds[3], r[8], r[9])
+def _raw(reply: bytes) -> Raw:
+    """The admission script's reply: ten whole numbers, else ValueError (`inf`, `1e+15`, too few or too many)."""
+    refused, wait, left, reset, minute_used, minute_reset, day_used, day_reset, bucket, day = map(int, reply.split())
+    s = [x / 1000 if x >= 0 else -1.0 for x in (wait, reset, minute_reset, day_reset)]
+    return Raw(refused, s[0], left, s[1], minute_used, s[2], day_used, s[3], bucket, day)
 
 
 def _keys(client: str) -> list[str]:
