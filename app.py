@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("service")
 _JSON = "application/json"
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,20}")  # as h11 reads it; httptools allows up to 2**64
+_BODY_BYTES = "service.body_bytes"  # scope key: the body's size as it arrived, the quota's prompt estimate
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -104,6 +105,8 @@ class Service:
             logger.warning("GROQ_API_KEY is not set: the service starts, but /chat answers 503 not_configured")
         if not self.settings.service_api_keys and not self.settings.service_keys:
             logger.warning("SERVICE_API_KEYS is not set: /chat answers loopback clients only")
+        if self.settings.redis_url and self.quota is None:
+            logger.warning("REDIS_URL is set but no quota is; Redis is not used")
         try:
             yield {"client_timeout": self.settings.client_timeout}
         finally:
@@ -132,7 +135,7 @@ class Service:
         chat = parse_chat(await self._read_json(request), allowed_models=self._allowed_models(request))
         model = chat.model or self.settings.groq_model
         fields = self._log_request(request, model, chat.messages)
-        await self._admit(request, chat.messages, chat.params.get("max_tokens"))
+        await self._admit(request, chat.params.get("max_tokens") or chat.params.get("max_completion_tokens"))
         if chat.stream:
             fields["stream"] = True
             self._acquire()
@@ -158,7 +161,7 @@ class Service:
         completion = parse_completion(await self._read_json(request), allowed_models=self._allowed_models(request))
         fields = self._log_request(request, completion.model, completion.body["messages"])
         body = completion.body
-        await self._admit(request, body["messages"], body.get("max_completion_tokens") or body.get("max_tokens"))
+        await self._admit(request, body.get("max_completion_tokens") or body.get("max_tokens"))
         if completion.stream:
             fields["stream"] = True
             self._acquire()
@@ -173,7 +176,7 @@ class Service:
         return Response(raw, media_type=_JSON)
 
     async def models(self, request: Request) -> Response:
-        await self._admit(request, None, 0)
+        await self._admit(request, 0)
         with self._slot(request.scope[LOG_FIELDS]):
             listing = await lifetimes.while_connected(request.receive, self._upstream().models())
         allowed = self._allowed_models(request)
@@ -189,11 +192,11 @@ class Service:
             fields["completion"] = ""
         return fields
 
-    async def _admit(self, request: Request, prompt: object, max_tokens: object) -> None:
+    async def _admit(self, request: Request, max_tokens: object) -> None:
         """Quotas (quota.py), when set: reserve the request's tokens or refuse it with 429, before Groq is called.
         quota.QuotaGate settles the reservation to Groq's usage (fields' token counts) when the answer is over."""
         if self.quota is not None:
-            await self.quota.admit(request.scope, prompt, max_tokens)
+            await self.quota.admit(request.scope, request.scope.get(_BODY_BYTES), max_tokens)
 
     def _allowed_models(self, request: Request) -> tuple[str, ...]:
         client = request.scope.get(CLIENT)  # a SERVICE_KEYS_FILE entry may narrow ALLOWED_MODELS
@@ -246,6 +249,7 @@ class Service:
                 raise errors.RequestTimeout(message) from None
         if size > limit:
             raise errors.PayloadTooLarge(f"The body must be at most {limit} bytes (MAX_BODY_BYTES).")
+        request.scope[_BODY_BYTES] = size
         try:
             body = json.loads(b"".join(chunks))
         except (ValueError, RecursionError):

@@ -145,11 +145,10 @@ def _check_quotas(settings: Settings) -> None:
             raise SettingsError(f"SERVICE_KEYS_FILE entry {key.name!r}: allowed_models must include GROQ_MODEL")
         if settings.allowed_models and not set(key.allowed_models) <= set(settings.allowed_models):
             raise SettingsError(f"SERVICE_KEYS_FILE entry {key.name!r}: allowed_models must be among ALLOWED_MODELS")
-    if settings.redis_url and not settings.quotas_on():
-        raise SettingsError("REDIS_URL is set but no quota is: set a QUOTA_* limit (or one in SERVICE_KEYS_FILE)")
     if settings.workers > 1 and settings.quotas_on() and not settings.redis_url:
         raise SettingsError("WORKERS > 1 with a quota needs REDIS_URL: each worker would count alone")
-    if settings.redis_url and importlib.util.find_spec("redis") is None:
+    # REDIS_URL without a quota (deploy/compose.yaml always sets it) is a warning at start-up (app.py), not an error.
+    if settings.redis_url and settings.quotas_on() and importlib.util.find_spec("redis") is None:
         raise SettingsError(
             "REDIS_URL is set but the redis package is not installed: "
             "pip install --require-hashes -r requirements-redis.txt"

@@ -147,7 +147,7 @@ def result(data: dict[str, Any]) -> ChatResult:
 def usage(usage: object) -> dict[str, int] | None:
     """Groq's three token counts, or None rather than invented numbers when they are missing."""
     counts = {k: usage.get(k) for k in _TOKEN_COUNTS} if isinstance(usage, dict) else {}
-    valid = counts and all(isinstance(v, int) and not isinstance(v, bool) for v in counts.values())
+    valid = counts and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts.values())
     return {**counts, **_reasoning_tokens(usage)} if valid else None  # type: ignore[dict-item]
 
 

@@ -7,11 +7,10 @@ this process (`quota_local.Local`) or, with REDIS_URL, in Redis (`quota_redis.Sh
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeGuard
 
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -27,7 +26,10 @@ GROQ_ROUTES = frozenset(
 _NAMES = ("", "requests_per_minute", "tokens_per_minute", "tokens_per_day")
 NEVER = -1.0
 _NOT_SENT = frozenset({"overloaded", "not_configured"})  # refused by the service itself: refund everything
-_NOT_GENERATED = frozenset({"upstream_rejected", "upstream_auth", "rate_limited", "upstream_unreachable"})
+# Refused by Groq before any generating (its 401/403, 429, 498) or Groq not reached: charged 0. Any other Groq
+# error (a 400 such as json_validate_failed or tool_use_failed comes after generating) keeps the reservation.
+_NOT_GENERATED = frozenset({"upstream_auth", "rate_limited", "upstream_busy", "upstream_unreachable"})
+_MAX_COUNT = 10_000_000  # a token count from Groq at or above this is not believed
 
 
 class Limits(NamedTuple):
@@ -62,7 +64,7 @@ class Ticket:
 
 class Store(Protocol):
     async def admit(self, client: str, limits: Limits, cost: int, commit: bool) -> Raw | None: ...
-    async def settle(self, ticket: Ticket, tokens: int | None, refund_request: bool) -> None: ...
+    async def settle(self, ticket: Ticket, tokens: int | None, refund_request: bool) -> bool: ...
     async def ready(self) -> bool: ...
     async def aclose(self) -> None: ...
 
@@ -106,8 +108,10 @@ class Quota:
             return body, False
         return {**body, "stream_options": {**options, "include_usage": True}}, True
 
-    async def admit(self, scope: Scope, prompt: object, max_tokens: object) -> None:
-        """Reserve this request's estimate (prompt bytes / 4 + its max tokens), or raise QuotaExceeded."""
+    async def admit(self, scope: Scope, body_bytes: int | None, max_tokens: object) -> None:
+        """Reserve this request's estimate (body bytes / 4 + its max tokens), or raise QuotaExceeded.
+
+        The whole body as the client sent it counts as prompt: tools, schemas and other fields are sent too."""
         admission: Admission = scope[QUOTA]
         admission.headers = []
         client = scope.get(CLIENT, LOCAL)
@@ -115,9 +119,8 @@ class Quota:
         if not any(limits):
             return
         cost = 0
-        if prompt is not None:
-            size = len(json.dumps(prompt, ensure_ascii=False).encode())
-            cost = -(-size // 4) + (max_tokens if isinstance(max_tokens, int) else self._reserve)
+        if body_bytes is not None:
+            cost = -(-body_bytes // 4) + (max_tokens if isinstance(max_tokens, int) else self._reserve)
         raw = await self.store.admit(client.name, limits, cost, True)  # QuotaUnavailable when down and closed
         if raw is None:  # down, and QUOTA_FAIL_MODE=open
             return
@@ -140,12 +143,12 @@ class Quota:
         prompt, completion = fields.get("prompt_tokens"), fields.get("completion_tokens")
         error = fields.get("error")
         tokens = None  # unknown: the reservation stands
-        if isinstance(prompt, int) and isinstance(completion, int):
+        if _count(prompt) and _count(completion):
             tokens = prompt + completion
         elif error in _NOT_SENT or error in _NOT_GENERATED:
             tokens = 0
-        fields["charged_tokens"] = ticket.cost if tokens is None else tokens
-        await self.store.settle(ticket, tokens, error in _NOT_SENT)
+        settled = await self.store.settle(ticket, tokens, error in _NOT_SENT)
+        fields["charged_tokens"] = tokens if settled and tokens is not None else ticket.cost
 
 
 class QuotaGate:
@@ -175,6 +178,11 @@ class QuotaGate:
             if admission.ticket is not None:
                 with anyio.CancelScope(shield=True):
                     await self.quota.settle(admission.ticket, scope[LOG_FIELDS])
+
+
+def _count(value: object) -> TypeGuard[int]:
+    """A token count as Groq should report it; anything else (negative, bool, absurd) means usage unknown."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _MAX_COUNT
 
 
 def _exceeded(limits: Limits, raw: Raw, cost: int) -> errors.QuotaExceeded:

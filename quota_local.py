@@ -59,7 +59,7 @@ class Local:
             (day + 1) * self._day - now, bucket, day,
         )  # fmt: skip
 
-    async def settle(self, ticket: Ticket, tokens: int | None, refund_request: bool) -> None:
+    async def settle(self, ticket: Ticket, tokens: int | None, refund_request: bool) -> bool:
         state = self._state[ticket.client]
         if refund_request and ticket.limits.requests_per_minute:
             state.tat -= self._minute / ticket.limits.requests_per_minute
@@ -68,6 +68,7 @@ class Local:
             state.buckets[ticket.bucket] += delta
         if delta and state.day == ticket.day and ticket.limits.tokens_per_day:
             state.day_used += delta
+        return True
 
     async def ready(self) -> bool:
         return True

@@ -75,14 +75,14 @@ if commit and refused == 0 then
     redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
   end
   if tpm > 0 then
-    redis.call('HINCRBY', KEYS[2], string.format('%.0f', bucket), cost)
+    redis.call('HINCRBY', KEYS[2], string.format('%.0f', bucket), string.format('%.0f', cost))
     redis.call('PEXPIRE', KEYS[2], math.ceil(minute / 1000) + 1000)
     used = used + cost
     table.insert(buckets, {bucket, cost})
   end
   if tpd > 0 then
     day_used = day_used + cost
-    redis.call('HSET', KEYS[3], 'day', string.format('%.0f', day), 'used', day_used)
+    redis.call('HSET', KEYS[3], 'day', string.format('%.0f', day), 'used', string.format('%.0f', day_used))
     redis.call('PEXPIRE', KEYS[3], math.ceil(((day + 1) * daylen - now) / 1000) + 1000)
   end
 elseif commit then
@@ -95,8 +95,9 @@ for _, e in ipairs(buckets) do
   if e[2] ~= 0 then minute_reset = math.max(minute_reset, (e[1] + 60) * width - now) end
 end
 local function ms(us) if us < 0 then return '-1' end return string.format('%.0f', math.ceil(us / 1000)) end
-return table.concat({refused, ms(wait), string.format('%.0f', remaining), ms(tat - now), used, ms(minute_reset),
-  day_used, ms((day + 1) * daylen - now), string.format('%.0f', bucket), string.format('%.0f', day)}, ' ')
+local function n(x) return string.format('%.0f', x) end  -- tostring writes 1e+15 from 1e14 up
+return table.concat({n(refused), ms(wait), n(remaining), ms(tat - now), n(used), ms(minute_reset), n(day_used),
+  ms((day + 1) * daylen - now), n(bucket), n(day)}, ' ')
 """
 
 # ARGV: the tokens to add (usage minus reservation), the reservation's bucket and day, microseconds to give
@@ -135,21 +136,25 @@ class Shared:
 
     async def admit(self, client: str, limits: Limits, cost: int, commit: bool) -> Raw | None:
         args = " ".join(map(str, (*limits, cost, self._minute, self._day, int(commit))))
-        result = await self._call(lambda: self._admit(keys=_keys(client), args=[args]))
-        if result is None:
+
+        async def admit() -> Raw:
+            return _raw(await self._admit(keys=_keys(client), args=[args]))
+
+        raw: Raw | None = await self._call(admit)
+        if raw is None:
             if self._open:
                 return None
             raise errors.QuotaUnavailable("The quota store (Redis) cannot be reached, so requests cannot be counted.")
-        r = [int(x) for x in result.split()]
-        seconds = [x / 1000 if x >= 0 else -1.0 for x in (r[1], r[3], r[5], r[7])]
-        return Raw(r[0], seconds[0], r[2], seconds[1], r[4], seconds[2], r[6], seconds[3], r[8], r[9])
+        return raw
 
-    async def settle(self, ticket: Ticket, tokens: int | None, refund_request: bool) -> None:
+    async def settle(self, ticket: Ticket, tokens: int | None, refund_request: bool) -> bool:
+        """False when Redis could not book it: the reservation stands."""
         rpm = ticket.limits.requests_per_minute
         back = self._minute // rpm if refund_request and rpm else 0
         args = [0 if tokens is None else tokens - ticket.cost, ticket.bucket, ticket.day, back]
         if args[0] or back:
-            await self._call(lambda: self._settle(keys=_keys(ticket.client), args=args))
+            return await self._call(lambda: self._settle(keys=_keys(ticket.client), args=args)) is not None
+        return True
 
     async def ready(self) -> bool:
         return self._open or await self._call(self._redis.ping) is not None
@@ -158,10 +163,11 @@ class Shared:
         await self._redis.aclose()
 
     async def _call(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        """The call's result, or None when Redis is down, slow or sends a reply it cannot read (ValueError)."""
         try:
             async with asyncio.timeout(self._timeout):
                 result = await call()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (RedisError, OSError, TimeoutError, ValueError) as exc:
             if not self._down:
                 self._down = True
                 then = "requests pass uncounted" if self._open else "Groq-calling routes answer 503 quota_unavailable"
@@ -171,6 +177,13 @@ class Shared:
             self._down = False
             logger.warning("Redis is reachable again: requests are counted")
         return result
+
+
+def _raw(reply: bytes) -> Raw:
+    """The admission script's reply: ten whole numbers, else ValueError (`inf`, `1e+15`, too few or too many)."""
+    refused, wait, left, reset, minute_used, minute_reset, day_used, day_reset, bucket, day = map(int, reply.split())
+    s = [x / 1000 if x >= 0 else -1.0 for x in (wait, reset, minute_reset, day_reset)]
+    return Raw(refused, s[0], left, s[1], minute_used, s[2], day_used, s[3], bucket, day)
 
 
 def _keys(client: str) -> list[str]:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -21,8 +22,22 @@ import quota
 from config import SettingsError, load_settings
 
 PROMPT = {"prompt": "hi", "max_tokens": 100}
-PROMPT_COST = math.ceil(len(json.dumps([{"role": "user", "content": "hi"}]).encode()) / 4)  # 9 tokens
 RESET = re.compile(r"(\d+h)?(\d+m)?\d+(\.\d{1,2})?s")
+
+
+def reserved(body: dict[str, Any]) -> int:
+    """What a request reserves: its body as httpx sends it (compact JSON) / 4, rounded up, plus its max tokens."""
+    size = len(json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode())
+    return math.ceil(size / 4) + (body.get("max_tokens") or body.get("max_completion_tokens") or 1024)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
 
 
 def usage_tokens(fake: FakeGroq, n: int = -1) -> int:
@@ -58,7 +73,9 @@ def test_tokens_per_rolling_minute_refuse_until_the_oldest_reservations_leave(
     fake.default.usage = False  # no usage: each reservation stands
     service = start_service(groq_env(fake, QUOTA_TOKENS_PER_MINUTE="200"), quota_minute=0.9)
     assert service.client.post("/chat", json={"prompt": "hi", "max_tokens": 10}).status_code == 200
-    time.sleep(0.05)  # the next reservation lands in a later slice of the window
+    width = 0.9 / 60  # the next reservation lands in a later slice of the window
+    first = math.floor(time.time() / width)
+    assert wait_for(lambda: math.floor(time.time() / width) > first)
     assert service.client.post("/chat", json=PROMPT).status_code == 200
     refused = service.client.post("/chat", json=PROMPT)  # needs both earlier reservations gone
     assert refused.status_code == 429
@@ -68,32 +85,41 @@ def test_tokens_per_rolling_minute_refuse_until_the_oldest_reservations_leave(
     time.sleep(1)
     again = service.client.post("/chat", json=PROMPT)
     assert again.status_code == 200
-    assert again.headers["x-ratelimit-remaining-tokens"] == str(200 - PROMPT_COST - 100)
+    assert again.headers["x-ratelimit-remaining-tokens"] == str(200 - reserved(PROMPT))
 
 
 def test_the_limit_named_is_the_one_with_the_longest_wait(fake: FakeGroq, start_service: Any) -> None:
-    env = groq_env(fake, QUOTA_REQUESTS_PER_MINUTE="1", QUOTA_TOKENS_PER_MINUTE=str(PROMPT_COST + 150))
+    over_both = {"prompt": "hi", "max_tokens": 150}
+    env = groq_env(fake, QUOTA_REQUESTS_PER_MINUTE="1", QUOTA_TOKENS_PER_MINUTE=str(reserved(over_both)))
     service = start_service(env)
     assert service.client.post("/chat", json=PROMPT).status_code == 200
     fake.default.usage = False
-    refused = service.client.post("/chat", json={"prompt": "hi", "max_tokens": 150})  # over both limits
+    refused = service.client.post("/chat", json=over_both)
     assert refused.status_code == 429
     assert service.access_lines(2)[1]["quota"] == "requests_per_minute"
 
 
-def concurrent_posts(url: str, path: str, bodies: list[dict[str, Any]]) -> list[httpx.Response]:
-    """All requests at once, each on its own connection."""
+def concurrent_posts(
+    urls: str | list[str], path: str, bodies: list[dict[str, Any]], held: FakeGroq | None = None
+) -> list[httpx.Response]:
+    """All requests at once, each on its own connection, spread over `urls`. With `held`, a fake whose default
+    behaviour holds its answers: every request is first either answered (refused) or waiting at the fake
+    (admitted), and only then does the fake answer, so none is settled before all are admitted."""
+    urls = [urls] if isinstance(urls, str) else urls
     answers: list[httpx.Response] = []
     barrier = threading.Barrier(len(bodies))
 
-    def post(body: dict[str, Any]) -> None:
+    def post(url: str, body: dict[str, Any]) -> None:
         with httpx.Client(base_url=url, timeout=30) as client:
             barrier.wait(10)
             answers.append(client.post(path, json=body))
 
-    threads = [threading.Thread(target=post, args=(b,)) for b in bodies]
+    threads = [threading.Thread(target=post, args=(urls[i % len(urls)], b)) for i, b in enumerate(bodies)]
     for thread in threads:
         thread.start()
+    if held is not None and held.default.hold is not None:
+        wait_for(lambda: len(answers) + len(held.chat_requests()) >= len(bodies))
+        held.default.hold.set()
     for thread in threads:
         thread.join(30)
     return answers
@@ -101,10 +127,10 @@ def concurrent_posts(url: str, path: str, bodies: list[dict[str, Any]]) -> list[
 
 @pytest.mark.parametrize("variable", ["QUOTA_TOKENS_PER_MINUTE", "QUOTA_TOKENS_PER_DAY"])
 def test_concurrent_first_requests_cannot_all_pass_a_budget(fake: FakeGroq, start_service: Any, variable: str) -> None:
-    fake.default.delay = 0.5  # all are admitted before any settles
-    budget = 2 * (PROMPT_COST + 100) + 50  # fits k = 2 reservations
+    fake.default.hold = threading.Event()  # all are admitted before any settles
+    budget = 2 * reserved(PROMPT) + 50  # fits k = 2 reservations
     service = start_service(groq_env(fake, **{variable: str(budget)}))
-    answers = concurrent_posts(service.url, "/chat", [PROMPT] * 6)
+    answers = concurrent_posts(service.url, "/chat", [PROMPT] * 6, held=fake)
     assert sorted(a.status_code for a in answers) == [200, 200, 429, 429, 429, 429]
     assert len(fake.chat_requests()) == 2
     what = variable.removeprefix("QUOTA_").lower()
@@ -128,7 +154,7 @@ def test_reservations_settle_to_groq_usage(fake: FakeGroq, start_service: Any) -
     service = start_service(groq_env(fake, QUOTA_TOKENS_PER_MINUTE="10000"))
     answer = service.client.post("/chat", json={"prompt": "hi", "max_tokens": 5000})
     assert answer.status_code == 200
-    assert answer.headers["x-ratelimit-remaining-tokens"] == str(10000 - PROMPT_COST - 5000)  # reserved
+    assert answer.headers["x-ratelimit-remaining-tokens"] == str(10000 - reserved({"prompt": "hi", "max_tokens": 5000}))
     used = answer.json()["usage"]["total_tokens"]
     assert used == usage_tokens(fake)
     assert service.access_lines(1)[0]["charged_tokens"] == used
@@ -142,7 +168,7 @@ def test_reservations_settle_to_groq_usage(fake: FakeGroq, start_service: Any) -
 def test_a_stream_is_charged_its_real_usage(fake: FakeGroq, start_service: Any) -> None:
     service = start_service(groq_env(fake, QUOTA_TOKENS_PER_MINUTE="10000", QUOTA_REQUESTS_PER_MINUTE="100"))
     with service.client.stream("POST", "/chat", json={"prompt": "hi", "stream": True}) as answer:
-        assert answer.headers["x-ratelimit-remaining-tokens"] == str(10000 - PROMPT_COST - 1024)  # the default
+        assert answer.headers["x-ratelimit-remaining-tokens"] == str(10000 - reserved({"prompt": "hi", "stream": True}))
         assert answer.headers["x-ratelimit-remaining-requests"] == "99"
         events = [json.loads(line[6:]) for line in answer.iter_lines() if line.startswith("data: {")]
     used = events[-1]["usage"]["total_tokens"]
@@ -160,9 +186,10 @@ def test_a_client_that_disconnects_mid_stream_is_charged(fake: FakeGroq, start_s
     assert fake.stream_ended.wait(5)
     line = service.access_lines(1)[0]
     assert line["disconnected"] is True
-    assert line["charged_tokens"] == PROMPT_COST + 1024  # Groq's usage never came: the reservation stands
+    cost = reserved({"prompt": "hi", "stream": True})  # 1024, the default reserve, for the completion
+    assert line["charged_tokens"] == cost  # Groq's usage never came: the reservation stands
     after = service.client.post("/chat", json={})
-    assert after.headers["x-ratelimit-remaining-tokens"] == str(10000 - PROMPT_COST - 1024)
+    assert after.headers["x-ratelimit-remaining-tokens"] == str(10000 - cost)
 
 
 def test_sdk_stream_asks_groq_for_usage_and_strips_it_again(fake: FakeGroq, start_service: Any) -> None:
@@ -207,27 +234,36 @@ def test_no_quota_means_no_headers(service: Any) -> None:
 def test_a_request_over_the_whole_limit_can_never_pass(fake: FakeGroq, start_service: Any) -> None:
     for minute, day, what in (("600", "700", "600 tokens per minute"), ("700", "600", "600 tokens per day")):
         service = start_service(groq_env(fake, QUOTA_TOKENS_PER_MINUTE=minute, QUOTA_TOKENS_PER_DAY=day))
-        max_tokens = 650
-        refused = service.client.post("/chat", json={"prompt": "hi", "max_tokens": max_tokens})
+        body = {"prompt": "hi", "max_tokens": 650}
+        refused = service.client.post("/chat", json=body)
         assert refused.status_code == 429
         assert "retry-after" not in refused.headers
         message = refused.json()["error"]["message"]
         assert message == (
-            f"This request reserves {PROMPT_COST + max_tokens} tokens, more than this client's whole quota of "
+            f"This request reserves {reserved(body)} tokens, more than this client's whole quota of "
             f"{what}; send a shorter prompt or a lower max_tokens."
         )
     assert fake.chat_requests() == []
 
 
-def test_what_groq_refuses_or_the_service_does_not_send_is_not_charged(fake: FakeGroq, start_service: Any) -> None:
-    fake.behaviours["bad/model"] = Behaviour(status=400, error={"message": "no", "type": "invalid_request_error"})
+def test_what_groq_refuses_before_generating_is_not_charged_other_errors_are(
+    fake: FakeGroq, start_service: Any
+) -> None:
+    before = {"no/key": 401, "too/many": 429, "flex/full": 498}  # Groq refused without generating: charged 0
+    for model, status in before.items():
+        fake.behaviours[model] = Behaviour(status=status, error={"message": "no", "type": "invalid_request_error"})
+    error = {"message": "Failed to validate JSON", "type": "invalid_request_error", "code": "json_validate_failed"}
+    fake.behaviours["bad/json"] = Behaviour(status=400, error=error)  # Groq generated, then refused the output
     service = start_service(groq_env(fake, QUOTA_TOKENS_PER_MINUTE="5000", QUOTA_REQUESTS_PER_MINUTE="10"))
-    refused = service.client.post("/chat", json={"prompt": "hi", "model": "bad/model"})
-    assert refused.status_code == 400
-    assert service.access_lines(1)[0]["charged_tokens"] == 0
+    bodies = [{"prompt": "hi", "model": model} for model in [*before, "bad/json"]]
+    statuses = [service.client.post("/chat", json=body).status_code for body in bodies]
+    assert statuses == [502, 429, 503, 400]
+    lines = service.access_lines(4)
+    assert [line["error"] for line in lines] == ["upstream_auth", "rate_limited", "upstream_busy", "upstream_rejected"]
+    assert [line["charged_tokens"] for line in lines] == [0, 0, 0, reserved(bodies[3])]
     after = service.client.post("/chat", json={})
-    assert after.headers["x-ratelimit-remaining-tokens"] == "5000"
-    assert after.headers["x-ratelimit-remaining-requests"] == "9"  # Groq saw the refused one
+    assert after.headers["x-ratelimit-remaining-tokens"] == str(5000 - reserved(bodies[3]))
+    assert after.headers["x-ratelimit-remaining-requests"] == "6"  # Groq saw the refused ones
 
 
 def test_a_request_the_service_never_sent_gives_everything_back(fake: FakeGroq, start_service: Any) -> None:
@@ -254,7 +290,6 @@ def test_duration_is_written_as_groq_writes_it() -> None:
         ({"QUOTA_FAIL_MODE": "maybe"}, "QUOTA_FAIL_MODE must be one of closed, open"),
         ({"REDIS_TIMEOUT": "0"}, "REDIS_TIMEOUT must be a number of seconds > 0"),
         ({"WORKERS": "2", "QUOTA_TOKENS_PER_DAY": "9"}, "WORKERS > 1 with a quota needs REDIS_URL"),
-        ({"REDIS_URL": "redis://127.0.0.1:1/0"}, "REDIS_URL is set but no quota is"),
         ({"REDIS_URL": "http://:hunter2@x/0", "QUOTA_TOKENS_PER_DAY": "9"}, "REDIS_URL must look like redis://"),
     ],
 )
@@ -282,6 +317,7 @@ def _modules_after_building_the_app(env: dict[str, str]) -> list[str]:
 
 def test_optional_modules_are_imported_only_when_turned_on() -> None:
     assert _modules_after_building_the_app({}) == []
+    assert _modules_after_building_the_app({"REDIS_URL": "redis://127.0.0.1:1/0"}) == []  # no quota: not used
     assert _modules_after_building_the_app({"QUOTA_REQUESTS_PER_MINUTE": "5"}) == ["quota", "quota_local"]
     with_redis = {"QUOTA_REQUESTS_PER_MINUTE": "5", "REDIS_URL": "redis://127.0.0.1:1/0"}
     assert _modules_after_building_the_app(with_redis) == ["quota", "quota_redis", "redis"]

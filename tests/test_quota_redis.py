@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 from conftest import Service, groq_env
 from fake_groq import API_KEY, Behaviour, FakeGroq
 from redis_server import RedisServer
-from test_quota import PROMPT, PROMPT_COST, concurrent_posts, usage_tokens
+from test_quota import PROMPT, concurrent_posts, reserved, usage_tokens
 
 
 @pytest.fixture
@@ -47,10 +47,10 @@ def test_gcra_in_redis_burst_wait_and_one_hash_tag(
 def test_concurrent_requests_meet_one_atomic_budget_in_redis(
     fake: FakeGroq, start_service: Any, redis_server: RedisServer
 ) -> None:
-    fake.default.delay = 0.5
-    budget = 2 * (PROMPT_COST + 100) + 50
+    fake.default.hold = threading.Event()  # all are admitted before any settles
+    budget = 2 * reserved(PROMPT) + 50
     service = start_service(redis_env(fake, redis_server, QUOTA_TOKENS_PER_MINUTE=str(budget)))
-    answers = concurrent_posts(service.url, "/chat", [PROMPT] * 6)
+    answers = concurrent_posts(service.url, "/chat", [PROMPT] * 6, held=fake)
     assert sorted(a.status_code for a in answers) == [200, 200, 429, 429, 429, 429]
     assert len(fake.chat_requests()) == 2
     assert 58 <= int(next(a for a in answers if a.status_code == 429).headers["retry-after"]) <= 60
@@ -63,19 +63,20 @@ def test_redis_settles_plain_calls_streams_and_disconnects(
     env = redis_env(fake, redis_server, QUOTA_TOKENS_PER_DAY="100000", QUOTA_TOKENS_PER_MINUTE="50000")
     service = start_service(env)
     answer = service.client.post("/chat", json={"prompt": "hi", "max_tokens": 5000})
-    assert answer.headers["x-ratelimit-remaining-tokens"] == str(50000 - PROMPT_COST - 5000)
+    assert answer.headers["x-ratelimit-remaining-tokens"] == str(50000 - reserved({"prompt": "hi", "max_tokens": 5000}))
     used = usage_tokens(fake)
     body = {"model": "openai/gpt-oss-20b", "messages": [{"role": "user", "content": "hi"}], "stream": True}
     with service.client.stream("POST", "/v1/chat/completions", json=body) as stream:
         chunks = [json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: {")]
     assert all(chunk["choices"] for chunk in chunks)
     used += chunks[-1]["usage"]["total_tokens"]
-    with service.client.stream("POST", "/chat", json={"prompt": "hi", "model": "slow/stream", "stream": True}) as cut:
+    slow = {"prompt": "hi", "model": "slow/stream", "stream": True}
+    with service.client.stream("POST", "/chat", json=slow) as cut:
         next(cut.iter_lines())
     assert fake.stream_ended.wait(5)
     lines = service.access_lines(3)
-    assert lines[2]["charged_tokens"] == PROMPT_COST + 1024  # no usage arrived: the reservation stands
-    used += PROMPT_COST + 1024
+    assert lines[2]["charged_tokens"] == reserved(slow)  # no usage arrived: the reservation stands
+    used += reserved(slow)
     assert sum(line["charged_tokens"] for line in lines) == used
     after = service.client.post("/chat", json={})
     assert after.headers["x-ratelimit-remaining-tokens"] == str(50000 - used)
@@ -95,8 +96,8 @@ def test_two_processes_and_two_workers_hold_one_limit(
     }
     one = start_process(env)
     two = start_process({**env, "WORKERS": "2"})
-    statuses = [httpx.post(p.url + "/chat", json=PROMPT, timeout=10).status_code for _ in range(6) for p in (one, two)]
-    assert sorted(statuses) == [200] * 5 + [429] * 7
+    answers = concurrent_posts([one.url, two.url], "/chat", [PROMPT] * 12)  # at once, so atomicity is what holds
+    assert sorted(a.status_code for a in answers) == [200] * 5 + [429] * 7
     assert len(fake.chat_requests()) == 5
 
 
