@@ -5,13 +5,9 @@ Run it with `python app.py` (see server.py) or `python -m uvicorn app:app`.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import ctypes
 import functools
-import json
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
@@ -23,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+import body
 import errors
 import lifetimes
 import logging_config
@@ -38,8 +35,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("service")
 _JSON = "application/json"
-_CONTENT_LENGTH = re.compile(r"[0-9]{1,20}")  # as h11 reads it; httptools allows up to 2**64
-_BODY_BYTES = "service.body_bytes"  # scope key: the body's size as it arrived, the quota's prompt estimate
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -98,7 +93,7 @@ class Service:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        _return_freed_memory()
+        body.return_freed_memory()
         if self.settings.groq_api_key:
             self.upstream = Upstream(self.settings)
         else:
@@ -132,7 +127,7 @@ class Service:
 
     async def chat(self, request: Request) -> Response:
         upstream = self._upstream()
-        chat = parse_chat(await self._read_json(request), allowed_models=self._allowed_models(request))
+        chat = parse_chat(await self._body(request), allowed_models=self._allowed_models(request))
         model = chat.model or self.settings.groq_model
         fields = self._log_request(request, model, chat.messages)
         await self._admit(request, chat.params.get("max_tokens") or chat.params.get("max_completion_tokens"))
@@ -158,7 +153,7 @@ class Service:
     async def completions(self, request: Request) -> Response:
         """The groq and openai SDKs' own route: Groq's body and stream relayed as Groq sent them."""
         upstream = self._upstream()
-        completion = parse_completion(await self._read_json(request), allowed_models=self._allowed_models(request))
+        completion = parse_completion(await self._body(request), allowed_models=self._allowed_models(request))
         fields = self._log_request(request, completion.model, completion.body["messages"])
         body = completion.body
         await self._admit(request, body.get("max_completion_tokens") or body.get("max_tokens"))
@@ -196,7 +191,7 @@ class Service:
         """Quotas (quota.py), when set: reserve the request's tokens or refuse it with 429, before Groq is called.
         quota.QuotaGate settles the reservation to Groq's usage (fields' token counts) when the answer is over."""
         if self.quota is not None:
-            await self.quota.admit(request.scope, request.scope.get(_BODY_BYTES), max_tokens)
+            await self.quota.admit(request.scope, request.scope.get(body.BODY_BYTES), max_tokens)
 
     def _allowed_models(self, request: Request) -> tuple[str, ...]:
         client = request.scope.get(CLIENT)  # a SERVICE_KEYS_FILE entry may narrow ALLOWED_MODELS
@@ -225,48 +220,8 @@ class Service:
     def _release(self) -> None:
         self.in_flight -= 1
 
-    async def _read_json(self, request: Request) -> dict[str, Any]:
-        """The body as a JSON object: media type and size checked before parsing, size counted as it arrives."""
-        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if media_type != _JSON:
-            raise errors.UnsupportedMediaType("Send the body as JSON with Content-Type: application/json.")
-        limit = self.settings.max_body_bytes
-        length = request.headers.get("content-length")
-        if length is not None and not _CONTENT_LENGTH.fullmatch(length):  # int() refuses over 4,300 digits
-            raise errors.InvalidRequest("Content-Length must be the body's size in bytes: at most 20 digits.")
-        size = limit + 1 if length and int(length) > limit else 0  # then refused unread
-        chunks: list[bytes] = []
-        if size <= limit:
-            try:
-                async with asyncio.timeout(self.settings.client_timeout):
-                    async for chunk in request.stream():
-                        size += len(chunk)
-                        if size > limit:
-                            break
-                        chunks.append(chunk)
-            except TimeoutError:
-                message = "The body did not arrive within CLIENT_TIMEOUT seconds; send it promptly."
-                raise errors.RequestTimeout(message) from None
-        if size > limit:
-            raise errors.PayloadTooLarge(f"The body must be at most {limit} bytes (MAX_BODY_BYTES).")
-        request.scope[_BODY_BYTES] = size
-        try:
-            body = json.loads(b"".join(chunks))
-        except (ValueError, RecursionError):
-            raise errors.InvalidJSON("The body is not valid JSON; send one UTF-8 JSON object.") from None
-        if not isinstance(body, dict):
-            raise errors.InvalidJSON('The body must be a JSON object, e.g. {"prompt": "Hello"}.')
-        return body
-
-
-def _return_freed_memory() -> None:
-    """Fix glibc's malloc thresholds (issue 11). By default each large block freed raises them (up to 32 MiB, and
-    twice that may stay unreturned at the heap top), so one burst of 1 MiB bodies, each parsed into ~10 MiB of
-    objects, left RSS tens of MB higher for good; with fixed thresholds, blocks over 128 KiB go back when freed."""
-    with contextlib.suppress(OSError, AttributeError, TypeError):  # not glibc: nothing to do
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    async def _body(self, request: Request) -> dict[str, Any]:
+        return await body.read_json(request, limit=self.settings.max_body_bytes, timeout=self.settings.client_timeout)
 
 
 def _json(payload: dict[str, Any], status: int = 200) -> Response:
