@@ -24,6 +24,7 @@ from starlette.routing import Route
 
 import errors
 import logging_config
+import shutdown
 import streaming
 from config import Settings, SettingsError, load_settings
 from llm import Upstream
@@ -56,12 +57,18 @@ def create_app(settings: Settings) -> Starlette:
             expose_headers=["X-Request-ID", "Retry-After"],
         )
     ]
-    # Real order, outermost first: Starlette's ServerErrorMiddleware -> RequestLog -> CORS (if set)
-    # -> Authorize -> Starlette's ExceptionMiddleware -> router.
+    # Real order, outermost first: Starlette's ServerErrorMiddleware -> RequestLog -> EndOnShutdown
+    # -> CORS (if set) -> Authorize -> Starlette's ExceptionMiddleware -> router.
     middleware = [
-        Middleware(RequestLog, secrets=settings.secrets()),
+        Middleware(RequestLog),
+        Middleware(shutdown.EndOnShutdown, requests=service.requests),
         *(cors if settings.cors_origins else []),
-        Middleware(Authorize, keys=settings.service_api_keys),
+        Middleware(
+            Authorize,
+            keys=settings.service_api_keys,
+            allowed_hosts=settings.allowed_hosts,
+            cors_origins=settings.cors_origins,
+        ),
     ]
     app = Starlette(
         routes=routes,
@@ -69,6 +76,7 @@ def create_app(settings: Settings) -> Starlette:
         lifespan=service.lifespan,
         exception_handlers={HTTPException: _http_error, errors.ServiceError: _service_error},
     )
+    app.router.redirect_slashes = False  # its redirect would build a Location from the client's Host header
     app.state.service = service
     return app
 
@@ -81,6 +89,7 @@ class Service:
         self.upstream: Upstream | None = None
         self.in_flight = 0
         self.draining = False
+        self.requests = shutdown.Requests()  # every HTTP request in flight, ended at the shutdown deadline
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[dict[str, Any]]:

@@ -9,6 +9,7 @@ ServiceError                      500 internal_error (fixed message; the cause i
 ├── ValidationError               422 validation_error (with details)
 ├── HeadersTooLarge               431 headers_too_large
 ├── Overloaded / NotConfigured    503 overloaded / not_configured
+├── ShuttingDown                  503 shutting_down (still running at the shutdown deadline)
 └── from Groq (raised by llm.py): UpstreamRejected (Groq's 400/404/413/422), UpstreamAuth 502,
     RateLimited 429, UpstreamError 502, UpstreamUnreachable 502, UpstreamTimeout 504
 """
@@ -97,6 +98,10 @@ class Overloaded(ServiceError):
 
 class NotConfigured(ServiceError):
     status, type = 503, "not_configured"
+
+
+class ShuttingDown(ServiceError):
+    status, type = 503, "shutting_down"
 
 
 class UpstreamRejected(ServiceError):

@@ -6,15 +6,19 @@
    CLIENT_TIMEOUT, answers 431 to a head over 32 KiB or 100 lines, and answers malformed HTTP with our envelope.
 2. After a graceful shutdown on SIGTERM, uvicorn re-raises the signal to itself (exit 143); `_Server`
    exits 0 instead, and ignores a repeated SIGTERM while the interpreter winds down after the drain.
+   It treats SIGHUP like SIGTERM, and at SHUTDOWN_TIMEOUT (or at a second Ctrl-C) ends the requests still
+   running with 503 shutting_down (shutdown.py) before uvicorn's own cancellation, a second later, would.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import signal
+import socket
 import uuid
 from collections.abc import Callable, Iterator
 from http import HTTPStatus
@@ -27,6 +31,7 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from app import configure_from_environment, create_app
 from config import Settings
 from errors import HeadersTooLarge, InvalidRequest, ServiceError
+from shutdown import Requests
 
 _MAX_HEAD_BYTES = 32 * 1024
 _MAX_HEAD_LINES = 100
@@ -93,17 +98,48 @@ class _GuardedProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
 
 
 class _Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        on_exit: Callable[[], None] = lambda: None,
+        *,
+        requests: Requests | None = None,
+        deadline: float = 30.0,
+    ) -> None:
         super().__init__(config)
         self._on_exit = on_exit
+        self._requests = requests or Requests()
+        self._deadline = deadline
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ended = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._on_exit()
         super().handle_exit(sig, frame)
+        if self.force_exit and self._loop is not None:  # a second Ctrl-C: stop waiting for the deadline
+            self._loop.call_soon_threadsafe(self._end_requests)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        timer = self._loop.call_later(self._deadline, self._end_requests)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
+        if self._requests.tasks:  # after a second Ctrl-C uvicorn stops waiting without ending them
+            self._end_requests()
+            await self._requests.wait_ended(5.0)
+
+    def _end_requests(self) -> None:
+        if not self._ended and self._requests.tasks:
+            self._ended = True
+            count = self._requests.end_all()
+            logger.warning("shutdown: %d request(s) still running were ended with 503 shutting_down", count)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
-        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
         try:
             yield
         finally:
@@ -123,7 +159,7 @@ def uvicorn_config(settings: Settings, app: Any, log_config: dict[str, Any] | No
         server_header=False,
         proxy_headers=bool(settings.forwarded_allow_ips),
         forwarded_allow_ips=settings.forwarded_allow_ips or None,
-        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout),
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout) + 1,  # the app ends its requests first
     )
 
 
@@ -137,4 +173,6 @@ def main() -> None:
     else:
         app = create_app(settings)
         config = uvicorn_config(settings, app, log_config)
-        _Server(config, on_exit=lambda: setattr(app.state.service, "draining", True)).run()
+        service = app.state.service
+        on_exit = functools.partial(setattr, service, "draining", True)
+        _Server(config, on_exit, requests=service.requests, deadline=settings.shutdown_timeout).run()
