@@ -126,9 +126,10 @@ class _Server(uvicorn.Server):
             await super().shutdown(sockets)
         finally:
             timer.cancel()
-        if self._requests.tasks:  # after a second Ctrl-C uvicorn stops waiting without ending them
+        if self.force_exit:  # after a second Ctrl-C uvicorn neither ends the requests nor shuts the app down
             self._end_requests()
             await self._requests.wait_ended(5.0)
+            await self.lifespan.shutdown()
 
     def _end_requests(self) -> None:
         if not self._ended and self._requests.tasks:
