@@ -59,13 +59,14 @@ class Settings:
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Settings from `environ` (default: `.env` overlaid by the real environment, which wins)."""
-    if environ is None:
-        environ = {**_dotenv(Path(".env")), **os.environ}
     try:
+        if environ is None:
+            environ = {**_dotenv(Path(".env")), **os.environ}
         return _parse(environ)
     except SettingsError as exc:
-        error = SettingsError(_masked(str(exc), environ))  # a secret pasted into the wrong variable stays hidden
-        error.log_format = "text" if environ.get("LOG_FORMAT", "").strip().lower() == "text" else "json"
+        known = os.environ if environ is None else environ  # a .env that cannot be parsed is not used at all
+        error = SettingsError(_masked(str(exc), known))  # a secret pasted into the wrong variable stays hidden
+        error.log_format = "text" if known.get("LOG_FORMAT", "").strip().lower() == "text" else "json"
         raise error from None
 
 
@@ -76,8 +77,9 @@ def _dotenv(path: Path) -> dict[str, str]:
     except (OSError, UnicodeDecodeError):
         raise SettingsError(f"{path} cannot be read as UTF-8 text; fix or remove it") from None
     for binding in parse_stream(io.StringIO(text)):
-        if binding.error:
-            line = binding.original.line
+        if binding.error:  # python-dotenv counts the blank lines before a statement as part of it
+            text = binding.original.string
+            line = binding.original.line + text[: len(text) - len(text.lstrip())].count("\n")
             raise SettingsError(f"{path} line {line} cannot be parsed (check its quotes and the KEY=value form)")
     return {k: v for k, v in dotenv_values(stream=io.StringIO(text)).items() if v is not None}
 
@@ -118,7 +120,7 @@ def _parse(environ: Mapping[str, str]) -> Settings:
     )
     if settings.allowed_models and settings.groq_model not in settings.allowed_models:
         raise SettingsError(f"GROQ_MODEL {settings.groq_model!r} must be one of ALLOWED_MODELS")
-    if "*" in settings.forwarded_allow_ips.split(",") and not settings.service_api_keys:
+    if "*" in env.csv("FORWARDED_ALLOW_IPS") and not settings.service_api_keys:
         raise SettingsError(
             "FORWARDED_ALLOW_IPS=* lets any client claim a loopback address; without SERVICE_API_KEYS name the"
             " proxy's own addresses, or set SERVICE_API_KEYS"
