@@ -1,7 +1,8 @@
 """Pure ASGI middleware: the request id and the one access line per request, and who may call.
 
 Stack, outermost first (declared in app.py): Starlette's ServerErrorMiddleware -> RequestLog ->
-Cors (only when CORS_ORIGINS is set) -> Authorize -> Starlette's ExceptionMiddleware -> router.
+shutdown.EndOnShutdown -> Cors (only when CORS_ORIGINS is set) -> Authorize -> Starlette's
+ExceptionMiddleware -> router.
 """
 
 from __future__ import annotations
