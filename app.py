@@ -23,6 +23,7 @@ import body
 import errors
 import lifetimes
 import logging_config
+import shutdown
 import streaming
 from config import Settings, SettingsError, load_settings
 from llm import Upstream
@@ -58,13 +59,20 @@ def create_app(settings: Settings) -> Starlette:
             expose_headers=["X-Request-ID", "Retry-After"],
         )
     ]
-    # Real order, outermost first: Starlette's ServerErrorMiddleware -> RequestLog -> Paced -> CORS (if set)
-    # -> Authorize -> QuotaGate (if a quota is set) -> Starlette's ExceptionMiddleware -> router.
+    # Real order, outermost first: Starlette's ServerErrorMiddleware -> RequestLog -> Paced -> EndOnShutdown
+    # -> CORS (if set) -> Authorize -> QuotaGate (if a quota is set) -> Starlette's ExceptionMiddleware -> router.
     middleware = [
-        Middleware(RequestLog, secrets=settings.secrets()),
+        Middleware(RequestLog),
         Middleware(lifetimes.Paced),
+        Middleware(shutdown.EndOnShutdown, requests=service.requests),
         *(cors if settings.cors_origins else []),
-        Middleware(Authorize, keys=settings.service_api_keys, clients=settings.service_keys),
+        Middleware(
+            Authorize,
+            keys=settings.service_api_keys,
+            clients=settings.service_keys,
+            allowed_hosts=settings.allowed_hosts,
+            cors_origins=settings.cors_origins,
+        ),
         *([Middleware(service.quota.gate)] if service.quota else []),
     ]
     app = Starlette(
@@ -73,6 +81,7 @@ def create_app(settings: Settings) -> Starlette:
         lifespan=service.lifespan,
         exception_handlers={HTTPException: _http_error, errors.ServiceError: _service_error},
     )
+    app.router.redirect_slashes = False  # its redirect would build a Location from the client's Host header
     app.state.service = service
     return app
 
@@ -90,6 +99,7 @@ class Service:
             import quota
 
             self.quota = quota.build(settings)
+        self.requests = shutdown.Requests()  # every HTTP request in flight, ended at the shutdown deadline
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[dict[str, Any]]:

@@ -12,6 +12,7 @@ ServiceError                      500 internal_error (fixed message; the cause i
 ├── Overloaded / NotConfigured    503 overloaded / not_configured
 ├── UpstreamBusy                  503 upstream_busy (Groq's 498: its flex tier is at capacity; raised by llm.py)
 ├── QuotaUnavailable              503 quota_unavailable (Redis unreachable, QUOTA_FAIL_MODE=closed)
+├── ShuttingDown                  503 shutting_down (still running at the shutdown deadline)
 └── from Groq (raised by llm.py): UpstreamRejected (Groq's 400/404/413/422), UpstreamAuth 502,
     RateLimited 429, UpstreamError 502, UpstreamUnreachable 502, UpstreamTimeout 504
 """
@@ -133,6 +134,10 @@ class QuotaExceeded(ServiceError):
 
 class QuotaUnavailable(ServiceError):
     status, type = 503, "quota_unavailable"
+
+
+class ShuttingDown(ServiceError):
+    status, type = 503, "shutting_down"
 
 
 class UpstreamRejected(ServiceError):

@@ -1,7 +1,8 @@
 """Pure ASGI middleware: the request id and the one access line per request, and who may call.
 
 Stack, outermost first (declared in app.py): Starlette's ServerErrorMiddleware -> RequestLog ->
-Cors (only when CORS_ORIGINS is set) -> Authorize -> Starlette's ExceptionMiddleware -> router.
+shutdown.EndOnShutdown -> Cors (only when CORS_ORIGINS is set) -> Authorize -> Starlette's
+ExceptionMiddleware -> router.
 """
 
 from __future__ import annotations
@@ -30,7 +31,14 @@ LOG_FIELDS = "service.log_fields"  # scope key: the dict that becomes the reques
 CLIENT = "service.client"  # scope key: the ServiceKey of the caller, set by Authorize (quotas and models use it)
 LOCAL = ServiceKey("local", b"")  # every loopback caller when no token is configured: one client
 OPEN_PATHS = frozenset({"/", "/healthz", "/readyz"})
+LOOPBACK_ONLY = (
+    "Only loopback clients may call this service: set SERVICE_API_KEYS (or SERVICE_KEYS_FILE) to serve"
+    " non-loopback clients."
+)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_FORWARDING = frozenset({b"x-forwarded-for", b"x-real-ip", b"forwarded"})  # sent by proxies, never by a local client
+_HOST = re.compile(r"(\[[^\]]*\]|[^:\[\]]+)(?::[0-9]*)?")
+_ORIGIN = re.compile(r"https?://(.+)")
 
 
 def elapsed_ms(started: float) -> float:
@@ -40,17 +48,16 @@ def elapsed_ms(started: float) -> float:
 class RequestLog:
     """Request id, the one access line per request, and the last-resort 500."""
 
-    def __init__(self, app: ASGIApp, secrets: tuple[str, ...]) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self._secrets = frozenset(secrets)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
         given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"").decode("latin-1")
-        echo = _REQUEST_ID.fullmatch(given) and given not in self._secrets  # a token pasted here is not echoed
-        request_id = given if echo else uuid.uuid4().hex
+        # Echoed even when it equals a secret: the client sent it, and the log formatter masks secrets.
+        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         token = logging_config.REQUEST_ID.set(request_id)
         client = scope.get("client")
         fields: dict[str, Any] = {"method": scope["method"], "path": scope["path"], "status": 500}
@@ -91,30 +98,67 @@ class RequestLog:
 class Authorize:
     """Every route but the open ones needs a service token, or a loopback peer when none is configured.
 
-    Decided on the raw `scope["path"]`, never on a URL rebuilt from the Host header.
+    Decided on the raw `scope["path"]`, never on a URL rebuilt from the Host header. Without tokens, every
+    path also needs a loopback Host (or one in ALLOWED_HOSTS) and no foreign Origin: a browser is a loopback
+    peer too, and a page on a domain that resolves to 127.0.0.1 (DNS rebinding) must not reach the service.
+    With tokens, the Host is checked only when ALLOWED_HOSTS is set. The host patterns match the way
+    Starlette's TrustedHostMiddleware matches them; that middleware is not used because it refuses in plain text.
     """
 
-    def __init__(self, app: ASGIApp, keys: tuple[str, ...], clients: tuple[ServiceKey, ...] = ()) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: tuple[str, ...],
+        clients: tuple[ServiceKey, ...] = (),
+        allowed_hosts: tuple[str, ...] = (),
+        cors_origins: tuple[str, ...] = (),
+    ) -> None:
         self.app = app
         digests = [(hashlib.sha256(k.encode()).digest(), hashlib.sha256(k.encode()).hexdigest()[:8]) for k in keys]
         # Tokens from SERVICE_API_KEYS are known by an 8-hex key_id, entries of SERVICE_KEYS_FILE by their name.
         self._digests = {c.sha256: c for c in clients} or {d: ServiceKey(key_id, d) for d, key_id in digests}
         self._log_as = "key" if clients else "key_id"
+        self._hosts = allowed_hosts if allowed_hosts or not self._digests else None  # None: no Host check
+        self._origins = frozenset(cors_origins)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        refusal = None if scope["type"] != "http" or scope["path"] in OPEN_PATHS else self._refusal(scope)
+        refusal = None
+        if scope["type"] == "http":
+            refusal = self._misdirected(scope)
+            if refusal is None and scope["path"] not in OPEN_PATHS:
+                refusal = self._refusal(scope)
         if refusal is None:
             await self.app(scope, receive, send)
         else:
             scope[LOG_FIELDS]["error"] = refusal.type
             await error_response(refusal, scope)(scope, receive, send)
 
+    def _misdirected(self, scope: Scope) -> ServiceError | None:
+        host = _host(_header(scope, b"host"))
+        if self._hosts is not None and not (_is_loopback_name(host) or _matches(host, self._hosts)):
+            names = "localhost, 127.0.0.1 or [::1] (any port), or a host in ALLOWED_HOSTS"
+            return InvalidRequest(
+                f"The Host header must be {names}: this service refuses requests addressed to other names,"
+                " such as a web page's domain that resolves here. The operator can add a name to ALLOWED_HOSTS."
+            )
+        origin = _header(scope, b"origin")
+        if self._digests or origin is None or "*" in self._origins or origin.lower() in self._origins:
+            return None
+        match = _ORIGIN.fullmatch(origin.lower())
+        if match is None or not _is_loopback_name(_host(match.group(1))):
+            return InvalidRequest(
+                "Requests from web pages on other origins are refused while the service answers loopback clients"
+                " only; the operator can allow an origin in CORS_ORIGINS."
+            )
+        return None
+
     def _refusal(self, scope: Scope) -> ServiceError | None:
         if not self._digests:
-            if _is_loopback(scope.get("client")):
+            forwarded = any(k in _FORWARDING for k, _ in scope["headers"])
+            if _is_loopback(scope.get("client")) and not forwarded:
                 scope[CLIENT] = LOCAL
                 return None
-            return Unauthorized("Only loopback clients may call this service until the operator sets SERVICE_API_KEYS.")
+            return Unauthorized(LOOPBACK_ONLY)
         client = self._client(scope)
         if client is None:
             message = "A valid service token is required: send Authorization: Bearer <token>."
@@ -132,6 +176,26 @@ class Authorize:
             if hmac.compare_digest(digest, known) and scheme.lower() == b"bearer":
                 found = client
         return found
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    return next((v.decode("latin-1") for k, v in scope["headers"] if k == name), None)
+
+
+def _host(value: str | None) -> str | None:
+    """The host part of a Host header (or an origin's authority), lower-cased, IPv6 in brackets; None if malformed."""
+    match = _HOST.fullmatch(value.lower()) if value else None
+    return match.group(1) if match else None
+
+
+def _is_loopback_name(host: str | None) -> bool:
+    return host == "localhost" or (host is not None and _is_loopback((host.removeprefix("[").removesuffix("]"), 0)))
+
+
+def _matches(host: str | None, patterns: tuple[str, ...]) -> bool:
+    return host is not None and any(
+        p == "*" or host == p or (p.startswith("*.") and host.endswith(p[1:])) for p in patterns
+    )
 
 
 def _is_loopback(client: tuple[str, int] | None) -> bool:

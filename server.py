@@ -6,14 +6,19 @@
    with our envelope and an access line, and closes cleanly (no reset) after refusing a body still arriving.
 2. After a graceful shutdown on SIGTERM, uvicorn re-raises the signal to itself (exit 143); `_Server`
    exits 0 instead, and ignores a repeated SIGTERM while the interpreter winds down after the drain.
+   It treats SIGHUP like SIGTERM, and at SHUTDOWN_TIMEOUT (or at a second Ctrl-C) ends the requests still
+   running with 503 shutting_down (shutdown.py) before uvicorn's own cancellation, a second later, would.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import logging
 import math
 import signal
+import socket
 from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
@@ -23,22 +28,55 @@ import uvicorn
 from app import configure_from_environment, create_app
 from config import Settings
 from framing import H11_BUFFER_BYTES, GuardedProtocol
+from shutdown import Requests
 
 logger = logging.getLogger("service")
 
 
 class _Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        on_exit: Callable[[], None] = lambda: None,
+        *,
+        requests: Requests | None = None,
+        deadline: float = 30.0,
+    ) -> None:
         super().__init__(config)
         self._on_exit = on_exit
+        self._requests = requests or Requests()
+        self._deadline = deadline
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ended = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._on_exit()
         super().handle_exit(sig, frame)
+        if self.force_exit and self._loop is not None:  # a second Ctrl-C: stop waiting for the deadline
+            self._loop.call_soon_threadsafe(self._end_requests)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        timer = self._loop.call_later(self._deadline, self._end_requests)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
+        if self.force_exit:  # after a second Ctrl-C uvicorn neither ends the requests nor shuts the app down
+            self._end_requests()
+            await self._requests.wait_ended(5.0)
+            await self.lifespan.shutdown()
+
+    def _end_requests(self) -> None:
+        if not self._ended and self._requests.tasks:
+            self._ended = True
+            count = self._requests.end_all()
+            logger.warning("shutdown: %d request(s) still running were ended with 503 shutting_down", count)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
-        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
         try:
             yield
         finally:
@@ -59,7 +97,7 @@ def uvicorn_config(settings: Settings, app: Any, log_config: dict[str, Any] | No
         server_header=False,
         proxy_headers=bool(settings.forwarded_allow_ips),
         forwarded_allow_ips=settings.forwarded_allow_ips or None,
-        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout),
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout) + 1,  # the app ends its requests first
     )
 
 
@@ -73,4 +111,6 @@ def main() -> None:
     else:
         app = create_app(settings)
         config = uvicorn_config(settings, app, log_config)
-        _Server(config, on_exit=lambda: setattr(app.state.service, "draining", True)).run()
+        service = app.state.service
+        on_exit = functools.partial(setattr, service, "draining", True)
+        _Server(config, on_exit, requests=service.requests, deadline=settings.shutdown_timeout).run()

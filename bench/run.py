@@ -92,7 +92,7 @@ def start_service(
     while True:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
                 if sock.recv(64).startswith(b"HTTP/1.1 200"):
                     return proc, url, (time.perf_counter() - started) * 1000
         except OSError:
@@ -209,7 +209,7 @@ async def _streams(url: str, count: int) -> int:
     """`count` concurrent streamed /chat calls read to the end; returns the content events received."""
     host, port = url.removeprefix("http://").split(":")
     body = json.dumps({"prompt": "Count", "stream": True, "model": "bench/stream"}).encode()
-    request = "POST /chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    request = "POST /chat HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nConnection: close\r\n"
     request += f"Content-Length: {len(body)}\r\n\r\n"
 
     async def one() -> int:
