@@ -104,7 +104,7 @@ def _assert_nothing_else_refused(service: Service) -> None:
 
 
 def _request(method: str, path: str, headers: str, body: bytes) -> bytes:
-    return f"{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}".encode() + b"\r\n" + body
+    return f"{method} {path} HTTP/1.1\r\nHost: localhost\r\n{headers}".encode() + b"\r\n" + body
 
 
 TOO_LARGE = "The body must be at most 1048576 bytes (MAX_BODY_BYTES)."
@@ -188,14 +188,14 @@ def test_an_answer_before_the_body_arrived_is_read_and_then_the_connection_ends_
     ],
 )
 def test_the_head_limit_counts_head_bytes_only(service: Service, parts: list[bytes]) -> None:
-    parts[0] = parts[0].replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n")
+    parts[0] = parts[0].replace(b"Host: localhost\r\n", b"Host: localhost\r\nConnection: close\r\n")
     [(line, _, body)] = _responses(_exchange(_port(service.url), *parts, pause=0.05))
     assert line == "HTTP/1.1 200 OK" and json.loads(body)["content"] == "Hello from the fake Groq server."
     _assert_nothing_else_refused(service)
 
 
 def test_a_head_ending_in_bare_line_feeds_is_not_taken_for_a_long_head(service: Service) -> None:
-    head = "POST /chat HTTP/1.1\nHost: x\nContent-Type: application/json\nConnection: close\nContent-Length: "
+    head = "POST /chat HTTP/1.1\nHost: localhost\nContent-Type: application/json\nConnection: close\nContent-Length: "
     head += str(len(PROMPT))
     [response] = _responses(_exchange(_port(service.url), head.encode() + b"\n\n" + PROMPT))
     if H11:  # h11 accepts bare LF line ends, as RFC 9112 2.2 allows
@@ -238,7 +238,7 @@ def test_a_head_within_the_limits_is_served(service: Service) -> None:
 
 def test_a_head_that_never_ends_is_refused_once_over_the_limit(service: Service) -> None:
     """Refused while it is still arriving (no parser ever sees it complete), and the rest is dropped."""
-    endless = [b"GET /healthz HTTP/1.1\r\nHost: x\r\n", *[b"X-Filler: " + b"f" * 4000 + b"\r\n"] * 50]
+    endless = [b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n", *[b"X-Filler: " + b"f" * 4000 + b"\r\n"] * 50]
     [response] = _responses(_exchange(_port(service.url), *endless, pause=0.01))
     _assert_access_line(
         service, _assert_envelope(response, 431, "headers_too_large", HEAD_RULE), 431, "headers_too_large"
@@ -257,7 +257,7 @@ PIPELINED_HEAD = "".join(f"X-H{i:04}: v\r\n" for i in range(2000))  # 2,000 head
             id="2000-headers",
         ),
         pytest.param(_request("GET", "/healthz", "X-Big: " + "a" * 20 * 1024 + "\r\n", b""), id="20KiB-value"),
-        pytest.param(f"POST /chat HTTP/1.1\r\nHost: x\r\n{PIPELINED_HEAD}".encode(), id="incomplete-2000-headers"),
+        pytest.param(f"POST /chat HTTP/1.1\r\nHost: localhost\r\n{PIPELINED_HEAD}".encode(), id="incomplete-2000-headers"),
     ],
 )
 def test_a_head_pipelined_behind_another_is_bounded_too(service: Service, fake: FakeGroq, second: bytes) -> None:
@@ -360,7 +360,7 @@ def test_the_app_itself_reads_any_content_length_safely(
     """Behind an ASGI server that does not check Content-Length (Starlette's TestClient is one), the app gets
     whatever the client sent: int() refuses over 4,300 digits, so the app must not ask it to."""
     app = create_app(load_settings(groq_env(fake)))
-    with TestClient(app, client=("127.0.0.1", 50000)) as client:
+    with TestClient(app, base_url="http://localhost", client=("127.0.0.1", 50000)) as client:
         headers = {"content-type": "application/json", "content-length": length}
         response = client.post("/chat", content=b'{"prompt": "hi"}', headers=headers)
     assert response.status_code == status
