@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -27,9 +27,12 @@ import logging_config
 import streaming
 from config import Settings, SettingsError, load_settings
 from llm import Upstream
-from middleware import LOG_FIELDS, Authorize, Cors, RequestLog, elapsed_ms, error_response
+from middleware import LOG_FIELDS, REQUESTED, Authorize, Cors, RequestLog, elapsed_ms, error_response
 from sdk_validation import parse_completion
 from validation import parse_chat
+
+if TYPE_CHECKING:
+    from metrics import Metrics
 
 logger = logging.getLogger("service")
 _JSON = "application/json"
@@ -47,6 +50,13 @@ def create_app(settings: Settings) -> Starlette:
         Route("/openai/v1/models", service.models),
         Route("/v1/models", service.models),
     ]
+    observe = None
+    if settings.metrics:  # prometheus-client is optional: imported only when asked for
+        import metrics
+
+        service.metrics = metrics.Metrics(settings, paths=[*(route.path for route in routes), "/metrics"])
+        routes.append(Route("/metrics", service.metrics.scrape))
+        observe = service.metrics.observe
     cors = [
         Middleware(
             Cors,
@@ -59,7 +69,7 @@ def create_app(settings: Settings) -> Starlette:
     # Real order, outermost first: Starlette's ServerErrorMiddleware -> RequestLog -> CORS (if set)
     # -> Authorize -> Starlette's ExceptionMiddleware -> router.
     middleware = [
-        Middleware(RequestLog, secrets=settings.secrets()),
+        Middleware(RequestLog, secrets=settings.secrets(), observe=observe),
         *(cors if settings.cors_origins else []),
         Middleware(Authorize, keys=settings.service_api_keys),
     ]
@@ -81,6 +91,7 @@ class Service:
         self.upstream: Upstream | None = None
         self.in_flight = 0
         self.draining = False
+        self.metrics: Metrics | None = None
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -113,7 +124,7 @@ class Service:
         upstream = self._upstream()
         chat = parse_chat(await self._read_json(request), allowed_models=self.settings.allowed_models)
         model = chat.model or self.settings.groq_model
-        fields = self._log_request(request, model, chat.messages)
+        fields = self._log_request(request, model, chat.messages, chat.stream)
         if chat.stream:
             self._acquire()
             pieces = upstream.chat_stream(chat.messages, model, chat.params)
@@ -131,7 +142,7 @@ class Service:
         """The groq and openai SDKs' own route: Groq's body and stream relayed as Groq sent them."""
         upstream = self._upstream()
         completion = parse_completion(await self._read_json(request), allowed_models=self.settings.allowed_models)
-        fields = self._log_request(request, completion.model, completion.body["messages"])
+        fields = self._log_request(request, completion.model, completion.body["messages"], completion.stream)
         if completion.stream:
             self._acquire()
             events = upstream.stream_events(completion.body)
@@ -152,9 +163,10 @@ class Service:
             ]
         return _json(listing)
 
-    def _log_request(self, request: Request, model: str, messages: object) -> dict[str, Any]:
+    def _log_request(self, request: Request, model: str, messages: object, stream: bool) -> dict[str, Any]:
         fields: dict[str, Any] = request.scope[LOG_FIELDS]
         fields["model"] = model
+        request.scope[REQUESTED] = (model, stream)
         if self.settings.log_prompts:
             fields["messages"] = messages
             fields["completion"] = ""
@@ -179,9 +191,13 @@ class Service:
         if self.in_flight >= self.settings.max_concurrency:
             raise errors.Overloaded("Too many requests are in flight; retry in a second.", retry_after="1")
         self.in_flight += 1
+        if self.metrics is not None:
+            self.metrics.in_flight(self.in_flight)
 
     def _release(self) -> None:
         self.in_flight -= 1
+        if self.metrics is not None:
+            self.metrics.in_flight(self.in_flight)
 
     async def _read_json(self, request: Request) -> dict[str, Any]:
         """The body as a JSON object: media type and size checked before parsing, size counted as it arrives."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import re
@@ -42,6 +43,7 @@ class Settings:
     shutdown_timeout: float = 30.0
     cors_origins: tuple[str, ...] = ()
     forwarded_allow_ips: str = ""
+    metrics: bool = False
 
     def secrets(self) -> tuple[str, ...]:
         """What must never reach a log line or a client: the Groq key and the client tokens."""
@@ -83,9 +85,14 @@ def _parse(environ: Mapping[str, str]) -> Settings:
         shutdown_timeout=env.seconds("SHUTDOWN_TIMEOUT", default.shutdown_timeout),
         cors_origins=env.csv("CORS_ORIGINS"),
         forwarded_allow_ips=environ.get("FORWARDED_ALLOW_IPS", "").strip(),
+        metrics=env.choice("METRICS", "false", ("true", "false")) == "true",
     )
     if settings.allowed_models and settings.groq_model not in settings.allowed_models:
         raise SettingsError(f"GROQ_MODEL {settings.groq_model!r} must be one of ALLOWED_MODELS")
+    if settings.metrics and importlib.util.find_spec("prometheus_client") is None:  # found, not imported
+        raise SettingsError(
+            "METRICS=true needs prometheus-client: pip install --require-hashes -r requirements-metrics.txt"
+        )
     return settings
 
 

@@ -13,6 +13,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from starlette.datastructures import Headers
@@ -26,6 +27,7 @@ from errors import InvalidRequest, ServiceError, Unauthorized
 
 logger = logging.getLogger("service")
 LOG_FIELDS = "service.log_fields"  # scope key: the dict that becomes the request's access line
+REQUESTED = "service.requested"  # scope key: (model asked for, streamed), for metrics; the log shows Groq's model
 OPEN_PATHS = frozenset({"/", "/healthz", "/readyz"})
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
@@ -37,9 +39,12 @@ def elapsed_ms(started: float) -> float:
 class RequestLog:
     """Request id, the one access line per request, and the last-resort 500."""
 
-    def __init__(self, app: ASGIApp, secrets: tuple[str, ...]) -> None:
+    def __init__(
+        self, app: ASGIApp, secrets: tuple[str, ...], observe: Callable[[Scope], Callable[[], None]] | None = None
+    ) -> None:
         self.app = app
         self._secrets = frozenset(secrets)
+        self._observe = observe  # METRICS=true: called as a request starts; what it returns, with the final fields
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -53,6 +58,7 @@ class RequestLog:
         fields: dict[str, Any] = {"method": scope["method"], "path": scope["path"], "status": 500}
         fields["client"] = f"{client[0]}:{client[1]}" if client else None
         scope[LOG_FIELDS] = fields
+        finished = self._observe(scope) if self._observe else None
         id_header = (b"x-request-id", request_id.encode())
         response_started = False
 
@@ -77,6 +83,8 @@ class RequestLog:
                 await error_response(error, scope)(scope, receive, send_with_id)
         finally:
             fields["duration_ms"] = elapsed_ms(started)
+            if finished is not None:  # before the line, so whoever sees the line sees its metrics
+                finished()
             logger.info("request", extra={"fields": fields})
             logging_config.REQUEST_ID.reset(token)
 
