@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install --quiet --disable-pip-version-check --require-hashes -r requirements-dev.txt
+.venv/bin/pip install --quiet --disable-pip-version-check --require-hashes -r requirements-dev.txt -r requirements-metrics.txt
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
