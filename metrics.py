@@ -73,6 +73,7 @@ class Metrics:
         self._routes = frozenset(paths)
         self._models = {settings.groq_model, *settings.allowed_models}
         self._learning = _LEARNED_MODELS if not settings.allowed_models else 0
+        self._children: dict[tuple[object, ...], Any] = {}  # bounded like the labels; skips `labels()`'s checks
         self.requests = self._histogram(
             "http_server_request_duration_seconds",
             "Duration of HTTP server requests, until the last byte of the response.",
@@ -128,7 +129,7 @@ class Metrics:
 
     def observe(self, scope: Scope) -> Callable[[], None]:
         route = scope["path"] if scope["path"] in self._routes else OTHER
-        active = self.active.labels(route)
+        active = self._child(self.active, route)
         active.inc()
 
         def finished() -> None:
@@ -140,10 +141,10 @@ class Metrics:
     def _record(self, route: str, scope: Scope) -> None:
         fields: dict[str, Any] = scope[LOG_FIELDS]
         method = fields["method"] if fields["method"] in _METHODS else "_OTHER"
-        self.requests.labels(method, route, str(fields["status"])).observe(fields["duration_ms"] / 1000)
+        self._child(self.requests, method, route, fields["status"]).observe(fields["duration_ms"] / 1000)
         error = fields.get("error")
         if error is not None and error not in _NOT_REFUSALS:
-            self.refused.labels(error).inc()
+            self._child(self.refused, error).inc()
         requested = scope.get(REQUESTED)
         if requested is not None and error not in _GROQ_NOT_CALLED:
             self._call(fields, *requested)
@@ -154,15 +155,21 @@ class Metrics:
         answered = self._model(fields["model"], learn=not error)  # on success, the access line holds Groq's model
         model = self._model(requested)
         seconds = fields["duration_ms"] if stream or "upstream_ms" not in fields else fields["upstream_ms"]
-        self.operations.labels(*_GEN_AI, model, error).observe(seconds / 1000)
+        self._child(self.operations, *_GEN_AI, model, error).observe(seconds / 1000)
         if stream and "upstream_ms" in fields:
-            self.first_token.labels(*_GEN_AI, model, answered).observe(fields["upstream_ms"] / 1000)
+            self._child(self.first_token, *_GEN_AI, model, answered).observe(fields["upstream_ms"] / 1000)
         key = fields.get("key_id") or "none"
         for kind, name in _TOKEN_FIELDS:
             count = fields.get(name)
             if type(count) is int and count >= 0:  # Groq's count, checked: not a bool, a float or garbage
-                self.token_usage.labels(*_GEN_AI, model, error, kind, answered).observe(count)
-                self.tokens.labels(key, kind, answered).inc(count)
+                self._child(self.token_usage, *_GEN_AI, model, error, kind, answered).observe(count)
+                self._child(self.tokens, key, kind, answered).inc(count)
+
+    def _child(self, family: Any, *labels: object) -> Any:
+        child = self._children.get((family, *labels))
+        if child is None:
+            child = self._children[(family, *labels)] = family.labels(*(str(label) for label in labels))
+        return child
 
     def _model(self, name: object, *, learn: bool = False) -> str:
         """The label for a model: one the operator named or Groq answered with (a few), else `other`."""

@@ -259,10 +259,42 @@ def one_run(
     finally:
         service.terminate()
         service.wait(30)
+    row |= metrics_cost(python, fake_url, seconds, wrk)
     row["floor_us_c1"] = sdk_floor_us(python, fake_url, "openai/gpt-oss-20b", 1, seconds)
     row["floor_us_c64_delay50"] = sdk_floor_us(python, fake_url, "bench/delay50", 64, seconds)
     row["ratio_c1"] = row["cpu_us_c1"] / row["floor_us_c1"]
     row["ratio_c64_delay50"] = row["cpu_us_c64_delay50"] / row["floor_us_c64_delay50"]
+    return row
+
+
+def metrics_cost(python: str, fake_url: str, seconds: float, wrk: bool) -> dict[str, float]:
+    """CPU per /chat (c=1) with METRICS=true as a ratio to without, and the idle RSS with it.
+
+    Both services run at once and are loaded in turns, so the drift of a shared machine hits both alike.
+    """
+    if subprocess.run([python, "-c", "import prometheus_client"], capture_output=True).returncode:
+        return dict.fromkeys(("metrics_cpu_ratio", "metrics_cpu_us_c1", "metrics_rss_idle_mb"), float("nan"))
+    services: list[tuple[subprocess.Popen[bytes], str]] = []
+    try:
+        for metrics in ("false", "true"):
+            os.environ["METRICS"] = metrics  # start_service passes the environment on
+            services.append(start_service(python, fake_url, 1)[:2])
+        time.sleep(0.3)
+        row = {"metrics_rss_idle_mb": rss_mb(services[1][0].pid)}
+        cpu, answered = [0.0, 0.0], [0, 0]
+        for _ in range(3):
+            for i, (proc, url) in enumerate(services):
+                load(url, "/chat", CHAT, 1, 0.2, wrk=False)  # warm-up
+                before = cpu_seconds(proc.pid)
+                answered[i] += int(load(url, "/chat", CHAT, 1, seconds / 2, wrk=wrk)["ok"])
+                cpu[i] += cpu_seconds(proc.pid) - before
+    finally:
+        os.environ.pop("METRICS", None)
+        for proc, _ in services:
+            proc.terminate()
+            proc.wait(30)
+    row["metrics_cpu_us_c1"] = cpu[1] / answered[1] * 1e6
+    row["metrics_cpu_ratio"] = row["metrics_cpu_us_c1"] / (cpu[0] / answered[0] * 1e6)
     return row
 
 
@@ -287,6 +319,9 @@ FIGURES = [  # key, label, target, format
     ("cold_start_ms", "cold start: process start → first 200 on / (ms)", "≤ 450", "{:.0f}"),
     ("rss_idle_mb", "RSS idle (MB)", "≤ 45", "{:.1f}"),
     ("rss_after_mb", "RSS after load (MB)", "≤ 55", "{:.1f}"),
+    ("metrics_cpu_ratio", "CPU per /chat with METRICS=true ÷ without, c=1, in turns", "≤ 1.05", "{:.3f}"),
+    ("metrics_cpu_us_c1", "service CPU per /chat with METRICS=true, c=1 (µs)", "", "{:.0f}"),
+    ("metrics_rss_idle_mb", "RSS idle with METRICS=true (MB)", "", "{:.1f}"),
 ]
 
 
