@@ -281,12 +281,13 @@ def metrics_cost(python: str, fake_url: str, seconds: float, wrk: bool) -> dict[
             services.append(start_service(python, fake_url, 1)[:2])
         time.sleep(0.3)
         row = {"metrics_rss_idle_mb": rss_mb(services[1][0].pid)}
+        for _, url in services:
+            load(url, "/chat", CHAT, 1, 1.0, wrk=False)  # warm-up
         cpu, answered = [0.0, 0.0], [0, 0]
-        for _ in range(3):
+        for _ in range(6):
             for i, (proc, url) in enumerate(services):
-                load(url, "/chat", CHAT, 1, 0.2, wrk=False)  # warm-up
                 before = cpu_seconds(proc.pid)
-                answered[i] += int(load(url, "/chat", CHAT, 1, seconds / 2, wrk=wrk)["ok"])
+                answered[i] += int(load(url, "/chat", CHAT, 1, seconds / 5, wrk=wrk)["ok"])
                 cpu[i] += cpu_seconds(proc.pid) - before
     finally:
         os.environ.pop("METRICS", None)
