@@ -373,3 +373,23 @@ def test_every_scrape_shows_the_total_of_all_workers(fake: FakeGroq, start_proce
 
     assert proc.stop() == 0
     assert not directory.exists()
+
+
+@pytest.mark.slow
+def test_processes_sharing_a_directory_keep_an_exited_ones_counts_but_not_its_gauges(
+    fake: FakeGroq, start_process: Any, tmp_path: Path
+) -> None:
+    """What `uvicorn --workers` gives with PROMETHEUS_MULTIPROC_DIR set by hand: the processes meet there."""
+    env = groq_env(fake, METRICS="true", PROMETHEUS_MULTIPROC_DIR=str(tmp_path), MAX_CONCURRENCY="5")
+    first = start_process(env)
+    assert httpx.post(first.url + "/chat", json={"prompt": "Say hello"}).status_code == 200
+    wait_for(lambda: len(requests(first)) == 1, "the access line")
+    assert first.stop() == 0
+    gauges = tmp_path / f"gauge_livesum_{first.proc.pid}.db"
+    assert gauges.exists()
+    second = start_process(env)
+    for _ in range(2):
+        samples = scrape(second.url)
+        assert (_chat_count(samples), by(samples, "groq_proxy_max_concurrency")) == (1, {(): 5})
+    assert not gauges.exists()
+    assert second.stop() == 0
