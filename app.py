@@ -27,12 +27,13 @@ import shutdown
 import streaming
 from config import Settings, SettingsError, load_settings
 from llm import Upstream
-from middleware import CLIENT, LOG_FIELDS, Authorize, Cors, RequestLog, elapsed_ms, error_response
+from middleware import CLIENT, LOG_FIELDS, REQUESTED, Authorize, Cors, RequestLog, elapsed_ms, error_response
 from sdk_validation import parse_completion
 from validation import parse_chat
 
 if TYPE_CHECKING:
     import quota
+    from metrics import Metrics
 
 logger = logging.getLogger("service")
 _JSON = "application/json"
@@ -50,6 +51,13 @@ def create_app(settings: Settings) -> Starlette:
         Route("/openai/v1/models", service.models),
         Route("/v1/models", service.models),
     ]
+    observe = None
+    if settings.metrics:  # prometheus-client is optional: imported only when asked for
+        import metrics
+
+        service.metrics = metrics.Metrics(settings, paths=[*(route.path for route in routes), "/metrics"])
+        routes.append(Route("/metrics", service.metrics.scrape))
+        observe = service.metrics.observe
     cors = [
         Middleware(
             Cors,
@@ -62,7 +70,7 @@ def create_app(settings: Settings) -> Starlette:
     # Real order, outermost first: Starlette's ServerErrorMiddleware -> RequestLog -> Paced -> EndOnShutdown
     # -> CORS (if set) -> Authorize -> QuotaGate (if a quota is set) -> Starlette's ExceptionMiddleware -> router.
     middleware = [
-        Middleware(RequestLog),
+        Middleware(RequestLog, observe=observe),
         Middleware(lifetimes.Paced),
         Middleware(shutdown.EndOnShutdown, requests=service.requests),
         *(cors if settings.cors_origins else []),
@@ -100,6 +108,7 @@ class Service:
 
             self.quota = quota.build(settings)
         self.requests = shutdown.Requests()  # every HTTP request in flight, ended at the shutdown deadline
+        self.metrics: Metrics | None = None
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -139,7 +148,7 @@ class Service:
         upstream = self._upstream()
         chat = parse_chat(await self._body(request), allowed_models=self._allowed_models(request))
         model = chat.model or self.settings.groq_model
-        fields = self._log_request(request, model, chat.messages)
+        fields = self._log_request(request, model, chat.messages, chat.stream)
         await self._admit(request, chat.params.get("max_tokens") or chat.params.get("max_completion_tokens"))
         if chat.stream:
             fields["stream"] = True
@@ -164,7 +173,7 @@ class Service:
         """The groq and openai SDKs' own route: Groq's body and stream relayed as Groq sent them."""
         upstream = self._upstream()
         completion = parse_completion(await self._body(request), allowed_models=self._allowed_models(request))
-        fields = self._log_request(request, completion.model, completion.body["messages"])
+        fields = self._log_request(request, completion.model, completion.body["messages"], completion.stream)
         body = completion.body
         await self._admit(request, body.get("max_completion_tokens") or body.get("max_tokens"))
         if completion.stream:
@@ -189,9 +198,10 @@ class Service:
             listing["data"] = [m for m in listing["data"] if isinstance(m, dict) and m.get("id") in allowed]
         return _json(listing)
 
-    def _log_request(self, request: Request, model: str, messages: object) -> dict[str, Any]:
+    def _log_request(self, request: Request, model: str, messages: object, stream: bool) -> dict[str, Any]:
         fields: dict[str, Any] = request.scope[LOG_FIELDS]
         fields["model"] = model
+        request.scope[REQUESTED] = (model, stream)
         if self.settings.log_prompts:
             fields["messages"] = messages
             fields["completion"] = ""
@@ -226,9 +236,13 @@ class Service:
         if self.in_flight >= self.settings.max_concurrency:
             raise errors.Overloaded("Too many requests are in flight; retry in a second.", retry_after="1")
         self.in_flight += 1
+        if self.metrics is not None:
+            self.metrics.in_flight(self.in_flight)
 
     def _release(self) -> None:
         self.in_flight -= 1
+        if self.metrics is not None:
+            self.metrics.in_flight(self.in_flight)
 
     async def _body(self, request: Request) -> dict[str, Any]:
         return await body.read_json(request, limit=self.settings.max_body_bytes, timeout=self.settings.client_timeout)

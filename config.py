@@ -76,6 +76,7 @@ class Settings:
     quota_minute: float = 60.0
     quota_day: float = 86400.0
     allowed_hosts: tuple[str, ...] = ()
+    metrics: bool = False
 
     def secrets(self) -> tuple[str, ...]:
         """What must never reach a log line or a client: the Groq key, the client tokens, Redis's password."""
@@ -155,6 +156,7 @@ def _parse(environ: Mapping[str, str]) -> Settings:
         redis_url=env.redis_url("REDIS_URL"),
         quota_fail_mode=env.choice("QUOTA_FAIL_MODE", default.quota_fail_mode, ("closed", "open")),
         redis_timeout=env.seconds("REDIS_TIMEOUT", default.redis_timeout),
+        metrics=env.choice("METRICS", "false", ("true", "false")) == "true",
         allowed_hosts=tuple(_check_host_pattern("ALLOWED_HOSTS", h) for h in env.csv("ALLOWED_HOSTS")),
     )
     if settings.allowed_models and settings.groq_model not in settings.allowed_models:
@@ -164,6 +166,10 @@ def _parse(environ: Mapping[str, str]) -> Settings:
         raise SettingsError(
             "FORWARDED_ALLOW_IPS=* lets any client claim a loopback address; without SERVICE_API_KEYS name the"
             " proxy's own addresses, or set SERVICE_API_KEYS"
+        )
+    if settings.metrics and importlib.util.find_spec("prometheus_client") is None:  # found, not imported
+        raise SettingsError(
+            "METRICS=true needs prometheus-client: pip install --require-hashes -r requirements-metrics.txt"
         )
     return settings
 

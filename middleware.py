@@ -14,6 +14,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from starlette.datastructures import Headers
@@ -30,6 +31,7 @@ logger = logging.getLogger("service")
 LOG_FIELDS = "service.log_fields"  # scope key: the dict that becomes the request's access line
 CLIENT = "service.client"  # scope key: the ServiceKey of the caller, set by Authorize (quotas and models use it)
 LOCAL = ServiceKey("local", b"")  # every loopback caller when no token is configured: one client
+REQUESTED = "service.requested"  # scope key: (model asked for, streamed), for metrics; the log shows Groq's model
 OPEN_PATHS = frozenset({"/", "/healthz", "/readyz"})
 LOOPBACK_ONLY = (
     "Only loopback clients may call this service: set SERVICE_API_KEYS (or SERVICE_KEYS_FILE) to serve"
@@ -48,8 +50,9 @@ def elapsed_ms(started: float) -> float:
 class RequestLog:
     """Request id, the one access line per request, and the last-resort 500."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, observe: Callable[[Scope], Callable[[], None]] | None = None) -> None:
         self.app = app
+        self._observe = observe  # METRICS=true: called as a request starts; what it returns, with the final fields
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -63,6 +66,7 @@ class RequestLog:
         fields: dict[str, Any] = {"method": scope["method"], "path": scope["path"], "status": 500}
         fields["client"] = f"{client[0]}:{client[1]}" if client else None
         scope[LOG_FIELDS] = fields
+        finished = self._observe(scope) if self._observe else None
         id_header = (b"x-request-id", request_id.encode())
         response_started = False
 
@@ -91,6 +95,8 @@ class RequestLog:
                 await error_response(error, scope)(scope, receive, send_with_id)
         finally:
             fields["duration_ms"] = elapsed_ms(started)
+            if finished is not None:  # before the line, so whoever sees the line sees its metrics
+                finished()
             logger.info("request", extra={"fields": fields})
             logging_config.REQUEST_ID.reset(token)
 

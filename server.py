@@ -107,7 +107,13 @@ def main() -> None:
         from uvicorn.supervisors import Multiprocess  # imported only when used: it costs ~2 MB
 
         config = uvicorn_config(settings, "app:app", log_config)
-        Multiprocess(config, sockets=[config.bind_socket()]).run()
+        shared: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+        if settings.metrics:  # one private directory where every worker's metrics meet (metrics.py)
+            import metrics
+
+            shared = metrics.shared_directory()
+        with shared:
+            Multiprocess(config, sockets=[config.bind_socket()]).run()
     else:
         app = create_app(settings)
         config = uvicorn_config(settings, app, log_config)

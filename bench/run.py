@@ -306,6 +306,7 @@ def one_run(
         service.wait(30)
     row |= at_capacity(python, fake_url, seconds, wrk)
     row["timeouts"] += row.pop("cap16_timeouts")
+    row |= metrics_cost(python, fake_url, seconds, wrk)
     row["floor_us_c1"] = sdk_floor_us(python, fake_url, "openai/gpt-oss-20b", 1, seconds)
     row["floor_us_c64_delay50"] = sdk_floor_us(python, fake_url, "bench/delay50", 64, seconds)
     row |= quota_overhead(python, fake_url, seconds, wrk)
@@ -329,6 +330,38 @@ def at_capacity(python: str, fake_url: str, seconds: float, wrk: bool, capacity:
         "cap16_max_ms": full["max"],
         "cap16_timeouts": full["timeouts"],
     }
+
+
+def metrics_cost(python: str, fake_url: str, seconds: float, wrk: bool) -> dict[str, float]:
+    """CPU per /chat (c=1) with METRICS=true as a ratio to without, and the idle RSS with it.
+
+    Both services run at once and are loaded in turns, so the drift of a shared machine hits both alike.
+    """
+    if subprocess.run([python, "-c", "import prometheus_client"], capture_output=True).returncode:
+        return dict.fromkeys(("metrics_cpu_ratio", "metrics_cpu_us_c1", "metrics_rss_idle_mb"), float("nan"))
+    services: list[tuple[subprocess.Popen[bytes], str]] = []
+    try:
+        for metrics in ("false", "true"):
+            os.environ["METRICS"] = metrics  # start_service passes the environment on
+            services.append(start_service(python, fake_url, 1)[:2])
+        time.sleep(0.3)
+        row = {"metrics_rss_idle_mb": rss_mb(services[1][0].pid)}
+        for _, url in services:
+            load(url, "/chat", CHAT, 1, 1.0, wrk=False)  # warm-up
+        cpu, answered = [0.0, 0.0], [0, 0]
+        for _ in range(6):
+            for i, (proc, url) in enumerate(services):
+                before = cpu_seconds(proc.pid)
+                answered[i] += int(load(url, "/chat", CHAT, 1, seconds / 5, wrk=wrk)["ok"])
+                cpu[i] += cpu_seconds(proc.pid) - before
+    finally:
+        os.environ.pop("METRICS", None)
+        for proc, _ in services:
+            proc.terminate()
+            proc.wait(30)
+    row["metrics_cpu_us_c1"] = cpu[1] / answered[1] * 1e6
+    row["metrics_cpu_ratio"] = row["metrics_cpu_us_c1"] / (cpu[0] / answered[0] * 1e6)
+    return row
 
 
 FIGURES = [  # key, label, target, format
@@ -363,6 +396,9 @@ FIGURES = [  # key, label, target, format
     ("rss_after_mb", "RSS after load (MB)", "≤ 55", "{:.1f}"),
     ("quota_local_ratio", "CPU per /chat with an in-process quota ÷ without, c=1", "≤ 1.05", "{:.2f}"),
     ("quota_redis_ratio", "CPU per /chat with the quota in Redis on 127.0.0.1 ÷ without, c=1", "≤ 1.15", "{:.2f}"),
+    ("metrics_cpu_ratio", "CPU per /chat with METRICS=true ÷ without, c=1, in turns", "≤ 1.05", "{:.3f}"),
+    ("metrics_cpu_us_c1", "service CPU per /chat with METRICS=true, c=1 (µs)", "", "{:.0f}"),
+    ("metrics_rss_idle_mb", "RSS idle with METRICS=true (MB)", "", "{:.1f}"),
 ]
 
 

@@ -257,7 +257,9 @@ PIPELINED_HEAD = "".join(f"X-H{i:04}: v\r\n" for i in range(2000))  # 2,000 head
             id="2000-headers",
         ),
         pytest.param(_request("GET", "/healthz", "X-Big: " + "a" * 20 * 1024 + "\r\n", b""), id="20KiB-value"),
-        pytest.param(f"POST /chat HTTP/1.1\r\nHost: localhost\r\n{PIPELINED_HEAD}".encode(), id="incomplete-2000-headers"),
+        pytest.param(
+            f"POST /chat HTTP/1.1\r\nHost: localhost\r\n{PIPELINED_HEAD}".encode(), id="incomplete-2000-headers"
+        ),
     ],
 )
 def test_a_head_pipelined_behind_another_is_bounded_too(service: Service, fake: FakeGroq, second: bytes) -> None:

@@ -96,7 +96,11 @@ ENTRY = f'name = "a"\nsha256 = "{"ab" * 32}"\n'
 @pytest.mark.parametrize(
     ("text", "env", "message"),
     [
-        (f"[[keys]]\n{ENTRY}", {"SERVICE_API_KEYS": "tok_long_enough_0123456789"}, "Set SERVICE_API_KEYS or SERVICE_KEYS_FILE, not both"),
+        (
+            f"[[keys]]\n{ENTRY}",
+            {"SERVICE_API_KEYS": "tok_long_enough_0123456789"},
+            "Set SERVICE_API_KEYS or SERVICE_KEYS_FILE, not both",
+        ),
         (
             "[[keys]\nname = 1",
             {},
