@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import ipaddress
-import math
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,18 +13,17 @@ from urllib.parse import urlsplit
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 
-MODEL_PATTERN = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-MIN_TOKEN_LENGTH = 16
-_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
-_HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?", re.I)
-_ORIGIN = re.compile(r"(https?)://(\[[0-9a-f:.]+\]|[^/:\[\]]+)(?::([0-9]{1,5}))?", re.I)
+from env_values import (
+    LOG_LEVELS,
+    MODEL_PATTERN,
+    Reader,
+    SettingsError,
+    check_host_pattern,
+    check_model,
+    check_origin,
+)
 
-
-class SettingsError(ValueError):
-    """A variable holds a value the service cannot run with; the message names it and what it accepts."""
-
-    log_format = "json"  # how to report it: the LOG_FORMAT that was asked for, if that much was valid
+__all__ = ["MODEL_PATTERN", "ServiceKey", "Settings", "SettingsError", "load_settings"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +121,7 @@ def _masked(message: str, environ: Mapping[str, str]) -> str:
 
 
 def _parse(environ: Mapping[str, str]) -> Settings:
-    env = _Reader(environ)
+    env = Reader(environ)
     default = Settings()
     settings = Settings(
         groq_api_key=env.secret("GROQ_API_KEY"),
@@ -143,10 +139,10 @@ def _parse(environ: Mapping[str, str]) -> Settings:
         service_api_keys=env.tokens("SERVICE_API_KEYS"),
         max_body_bytes=env.integer("MAX_BODY_BYTES", default.max_body_bytes, 1, 2**31),
         max_concurrency=env.integer("MAX_CONCURRENCY", default.max_concurrency, 1, 100_000),
-        allowed_models=tuple(_check_model("ALLOWED_MODELS", m) for m in env.csv("ALLOWED_MODELS")),
+        allowed_models=tuple(check_model("ALLOWED_MODELS", m) for m in env.csv("ALLOWED_MODELS")),
         client_timeout=env.seconds("CLIENT_TIMEOUT", default.client_timeout),
         shutdown_timeout=env.seconds("SHUTDOWN_TIMEOUT", default.shutdown_timeout),
-        cors_origins=tuple(_check_origin("CORS_ORIGINS", o) for o in env.csv("CORS_ORIGINS")),
+        cors_origins=tuple(check_origin("CORS_ORIGINS", o) for o in env.csv("CORS_ORIGINS")),
         forwarded_allow_ips=environ.get("FORWARDED_ALLOW_IPS", "").strip(),
         service_keys=_keys_file(env.path("SERVICE_KEYS_FILE"), environ),
         quota_requests_per_minute=env.limit("QUOTA_REQUESTS_PER_MINUTE"),
@@ -157,7 +153,7 @@ def _parse(environ: Mapping[str, str]) -> Settings:
         quota_fail_mode=env.choice("QUOTA_FAIL_MODE", default.quota_fail_mode, ("closed", "open")),
         redis_timeout=env.seconds("REDIS_TIMEOUT", default.redis_timeout),
         metrics=env.choice("METRICS", "false", ("true", "false")) == "true",
-        allowed_hosts=tuple(_check_host_pattern("ALLOWED_HOSTS", h) for h in env.csv("ALLOWED_HOSTS")),
+        allowed_hosts=tuple(check_host_pattern("ALLOWED_HOSTS", h) for h in env.csv("ALLOWED_HOSTS")),
     )
     if settings.allowed_models and settings.groq_model not in settings.allowed_models:
         raise SettingsError(f"GROQ_MODEL {settings.groq_model!r} must be one of ALLOWED_MODELS")
@@ -198,145 +194,3 @@ def _check_quotas(settings: Settings) -> None:
             "REDIS_URL is set but the redis package is not installed: "
             "pip install --require-hashes -r requirements-redis.txt"
         )
-
-
-@dataclass(frozen=True, slots=True)
-class _Reader:
-    environ: Mapping[str, str]
-
-    def _raw(self, name: str) -> str | None:
-        value = self.environ.get(name, "").strip()
-        return value or None
-
-    def integer(self, name: str, default: int, low: int, high: int) -> int:
-        raw = self._raw(name)
-        if raw is None:
-            return default
-        if not re.fullmatch(r"[0-9]+", raw) or not low <= int(raw) <= high:
-            raise SettingsError(f"{name} must be a whole number from {low} to {high} (got {raw!r})")
-        return int(raw)
-
-    def limit(self, name: str) -> int | None:
-        return None if self._raw(name) is None else self.integer(name, 0, 1, 10**12)
-
-    def path(self, name: str) -> str | None:
-        return self._raw(name)
-
-    def redis_url(self, name: str) -> str | None:
-        raw = self._raw(name)
-        if raw is not None and not re.fullmatch(r"rediss?://[^\s/?#]+(/[0-9]{0,5})?", raw):
-            raise SettingsError(f"{name} must look like redis://host:port/db or rediss://... (its value is not shown)")
-        return raw
-
-    def seconds(self, name: str, default: float) -> float:
-        raw = self._raw(name)
-        if raw is None:
-            return default
-        try:
-            value = float(raw)
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and value > 0):
-            raise SettingsError(f"{name} must be a number of seconds > 0 (got {raw!r})")
-        return value
-
-    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
-        raw = self._raw(name)
-        if raw is None:
-            return default
-        value = raw.upper() if allowed == LOG_LEVELS else raw.lower()
-        if value not in allowed:
-            raise SettingsError(f"{name} must be one of {', '.join(allowed)} (got {raw!r})")
-        return value
-
-    def model(self, name: str, default: str) -> str:
-        raw = self._raw(name)
-        return default if raw is None else _check_model(name, raw)
-
-    def url(self, name: str, default: str) -> str:
-        raw = self._raw(name)
-        if raw is None:
-            return default
-        # The SDK appends /openai/v1/... itself, so an OpenAI-style base URL would double it.
-        if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", raw) or raw.rstrip("/").endswith("/openai/v1"):
-            raise SettingsError(
-                f"{name} must be an origin such as https://api.groq.com, without /openai/v1 (got {raw!r})"
-            )
-        return raw.rstrip("/")
-
-    def csv(self, name: str) -> tuple[str, ...]:
-        return tuple(part.strip() for part in (self._raw(name) or "").split(",") if part.strip())
-
-    def secret(self, name: str) -> str | None:
-        """A secret is printable ASCII without spaces, taken as written; its value never goes into a message."""
-        value = self.environ.get(name, "")
-        if value and not re.fullmatch(r"[!-~]+", value):
-            raise SettingsError(
-                f"{name} must be printable ASCII without spaces or control characters (check for a trailing"
-                " newline, spaces or quotes); the value is not shown"
-            )
-        return value or None
-
-    def tokens(self, name: str) -> tuple[str, ...]:
-        """Comma-separated secrets; spaces next to a comma only separate them."""
-        tokens = tuple(part.strip(" ") for part in self.environ.get(name, "").split(",") if part.strip(" "))
-        for token in tokens:
-            _Reader({name: token}).secret(name)
-            if len(token) < MIN_TOKEN_LENGTH:
-                raise SettingsError(
-                    f"{name} entries must be at least {MIN_TOKEN_LENGTH} characters; make each with"
-                    ' python -c "import secrets; print(secrets.token_urlsafe(24))"; the value is not shown'
-                )
-        return tokens
-
-    def host(self, name: str, default: str) -> str:
-        raw = self._raw(name)
-        if raw is None:
-            return default
-        address = raw[1:-1] if raw.startswith("[") and raw.endswith("]") else raw
-        if not (_is_ip(address) or (address == raw and _HOSTNAME.fullmatch(raw))):
-            raise SettingsError(
-                f"{name} must be an IP address or a host name, such as 127.0.0.1, 0.0.0.0, ::1 or localhost"
-                f" (got {raw!r})"
-            )
-        return address
-
-
-def _check_model(name: str, value: str) -> str:
-    if not MODEL_PATTERN.fullmatch(value):
-        raise SettingsError(f"{name} must hold 1-128 characters of A-Z a-z 0-9 . _ : / - (got {value!r})")
-    return value
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _check_origin(name: str, value: str) -> str:
-    """`*` or scheme://host[:port], as a browser writes an Origin header: no path, no trailing slash."""
-    match = _ORIGIN.fullmatch(value)
-    host = match.group(2).strip("[]") if match else ""
-    port = match.group(3) if match else None
-    valid = match is not None and (_is_ip(host) or bool(_HOSTNAME.fullmatch(host)))
-    if value != "*" and not (valid and (port is None or 0 < int(port) < 65536)):
-        raise SettingsError(
-            f"{name} entries must be * or scheme://host[:port] such as https://app.example, without a path"
-            f" or trailing slash (got {value!r})"
-        )
-    return value.lower()
-
-
-def _check_host_pattern(name: str, value: str) -> str:
-    """A Host header's host part (no port), like Starlette's TrustedHostMiddleware: `*`, `*.domain`, a name or an IP."""
-    rest = value[2:] if value.startswith("*.") else value
-    bracketed = rest.startswith("[") and rest.endswith("]")
-    if not (value == "*" or (bracketed and _is_ip(rest[1:-1])) or _is_ip(rest) or _HOSTNAME.fullmatch(rest)):
-        raise SettingsError(
-            f"{name} entries must be host names or addresses without a port, such as api.example.com,"
-            f" *.example.com or 10.0.0.5 (got {value!r})"
-        )
-    return f"[{value}]" if ":" in value and _is_ip(value) else value.lower()  # as a Host header writes IPv6
