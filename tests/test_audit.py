@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -80,3 +81,35 @@ def test_the_benchmark_runs(tmp_path: Path) -> None:
     for label in ("CPU per /chat", "throughput c=64, 50 ms upstream", "CPU per forwarded stream chunk", "cold start"):
         assert label in table
     assert re.search(r"\| installed runtime distributions \| 18 \|", table)
+
+
+OPTIONAL_IMPORTS = ("keys", "quota", "quota_local", "quota_redis", "redis", "metrics", "prometheus_client")
+LOADED = """
+import json, os, sys, server, app, config
+app.create_app(config.load_settings(json.loads(sys.argv[1])))
+print(json.dumps(sorted(m for m in sys.modules if os.path.exists(m + ".py") or m in {optional})))
+"""
+
+
+@pytest.mark.parametrize(
+    ("env", "added"),
+    [
+        ({}, []),
+        ({"QUOTA_REQUESTS_PER_MINUTE": "5"}, ["quota", "quota_local"]),
+        ({"METRICS": "true"}, ["metrics", "prometheus_client"]),
+    ],
+)
+def test_a_feature_that_is_off_imports_nothing(env: dict[str, str], added: list[str]) -> None:
+    """The default deployment loads exactly the modules the size budget and the audit guide list as default."""
+    from size_budget import DEFAULT_MODULES
+
+    code = LOADED.replace("{optional}", repr(set(OPTIONAL_IMPORTS)))
+    result = subprocess.run(
+        [sys.executable, "-c", code, json.dumps({"GROQ_API_KEY": "gsk_canary_0123456789", **env})],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == sorted([*DEFAULT_MODULES, *added])
