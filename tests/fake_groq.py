@@ -168,8 +168,7 @@ class FakeGroq:
             error = behaviour.error or {"message": "fake failure", "type": "internal_server_error"}
             return self._send_json(writer, behaviour.status, {"error": error}, extra)
         if body.get("stream"):
-            await self._stream(body, behaviour, reader, writer)
-            return False
+            return await self._stream(body, behaviour, reader, writer)
         return self._send_json(writer, 200, _completion(body, behaviour), extra)
 
     def _send_json(self, writer: Any, status: int, payload: Any, extra: dict[str, str] | None = None) -> bool:
@@ -184,7 +183,7 @@ class FakeGroq:
         writer.write("\r\n".join(head).encode() + b"\r\n\r\n" + body)
         return True
 
-    async def _stream(self, body: dict[str, Any], b: Behaviour, reader: Any, writer: Any) -> None:
+    async def _stream(self, body: dict[str, Any], b: Behaviour, reader: Any, writer: Any) -> bool:
         head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
         head += f"x-request-id: {_REQ}\r\n\r\n"
         writer.write(head.encode())
@@ -217,18 +216,24 @@ class FakeGroq:
                     return self._ended("client_closed")
                 if b.chunk_delay:
                     await asyncio.wait({closed}, timeout=b.chunk_delay)
+            if await _stop_watching(closed):  # before the last chunk, after which the next request may come
+                return self._ended("client_closed")
             _write_chunk(writer, b"")
             await writer.drain()
-            self._ended("completed")
+            return self._ended("completed")
         except ConnectionError:
-            self._ended("client_closed")
+            return self._ended("client_closed")
         finally:
             closed.cancel()
-            writer.close()
 
-    def _ended(self, how: str) -> None:
+    def _ended(self, how: str) -> bool:
+        """Record how a stream ended; returns whether its connection stays open: after a whole stream, as with Groq.
+
+        Closing it instead, unannounced (no `Connection: close`), races the client's next request on it: that
+        request, sent before the close arrives, is reset unread (a failed call, `upstream_unreachable`)."""
         self.stream_ends.append((how, time.monotonic()))
         self.stream_ended.set()
+        return how == "completed"
 
     async def _hold_content(self, b: Behaviour, closed: asyncio.Future[bytes]) -> bool:
         """Hold the first content chunk for `content_delay` or until the gate is set; True if the client left."""
@@ -400,6 +405,13 @@ async def _held(event: threading.Event, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not event.is_set() and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
+
+
+async def _stop_watching(read: asyncio.Future[bytes]) -> bool:
+    """Cancel a `reader.read(1)` watch, settled, so it takes no byte of a next request; True if the client closed."""
+    read.cancel()
+    await asyncio.wait({read})
+    return not read.cancelled() and (read.exception() is not None or read.result() == b"")
 
 
 if __name__ == "__main__":

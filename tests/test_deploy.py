@@ -321,7 +321,9 @@ def test_a_killed_replica_fails_only_the_requests_in_flight_on_it(deploy: Any) -
     for outcome in failed:
         status, _, body = outcome.partition(" ")
         assert status == "502", outcome
-        assert json.loads(body)["error"]["type"] == "upstream_unreachable"
+        error = json.loads(body)["error"]
+        assert error["type"] == "upstream_unreachable"
+        assert error["message"].startswith("No replica of the service answered"), "nginx's page, not a replica's"
     assert len(deployment.fakes["replica-a"].chat_requests()) == in_flight["replica-a"]
     assert len(deployment.fakes["replica-b"].chat_requests()) == in_flight["replica-b"] + 6, "no POST was resent"
 
