@@ -58,6 +58,10 @@ def create_app(settings: Settings) -> Starlette:
         service.metrics = metrics.Metrics(settings, paths=[*(route.path for route in routes), "/metrics"])
         routes.append(Route("/metrics", service.metrics.scrape))
         observe = service.metrics.observe
+    if settings.quotas_on():  # quota.py (and quota_redis.py) imported only when a limit is set
+        import quota
+
+        service.quota = quota.build(settings, on_remaining=service.metrics.quota if service.metrics else None)
     cors = [
         Middleware(
             Cors,
@@ -102,11 +106,7 @@ class Service:
         self.upstream: Upstream | None = None
         self.in_flight = 0
         self.draining = False
-        self.quota: quota.Quota | None = None
-        if settings.quotas_on():  # quota.py (and quota_redis.py) imported only when a limit is set
-            import quota
-
-            self.quota = quota.build(settings)
+        self.quota: quota.Quota | None = None  # set by create_app, after the metrics it reports to
         self.requests = shutdown.Requests()  # every HTTP request in flight, ended at the shutdown deadline
         self.metrics: Metrics | None = None
 

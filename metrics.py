@@ -2,10 +2,11 @@
 
 Imported only when METRICS=true, so prometheus-client (requirements-metrics.txt) stays optional.
 `middleware.RequestLog` calls `Metrics.observe` as a request starts and the function it returns with the
-request's final log fields; `Service` reports its Groq calls in flight. Nothing a client sends can add a
-series: routes are the app's templates (else `other`), methods the standard ones (else `_OTHER`), keys the
-configured tokens' key ids, and a model label only GROQ_MODEL, ALLOWED_MODELS, or (when ALLOWED_MODELS is
-unset) the first `_LEARNED_MODELS` models Groq answered with; any other model is `other`.
+request's final log fields; `Service` reports its Groq calls in flight, and quota.py each client's remaining
+quota. Nothing a client sends can add a series: routes are the app's templates (else `other`), methods the
+standard ones (else `_OTHER`), keys the configured clients' names or token key ids, and a model label only
+GROQ_MODEL, ALLOWED_MODELS, or (when ALLOWED_MODELS is unset) the first `_LEARNED_MODELS` models Groq answered
+with; any other model is `other`.
 
 With several workers, prometheus-client's multiprocess mode: `python app.py` makes a private directory for
 its files (`shared_directory`) and every worker writes there, so whichever worker answers a scrape sums them.
@@ -106,6 +107,13 @@ class Metrics:
         self.upstream_in_flight = self._gauge("groq_proxy_upstream_in_flight", "Groq calls in flight.")
         self.max_concurrency = self._gauge("groq_proxy_max_concurrency", "MAX_CONCURRENCY (summed over workers).")
         self.max_concurrency.set(settings.max_concurrency)
+        # Quotas are shared (Redis) by every worker, so the latest figure any of them reported is the right one.
+        self.quota_remaining = self._gauge(
+            "groq_proxy_quota_remaining",
+            "Requests or tokens a client has left under each quota limit that is set, as last reported.",
+            ("key", "limit"),
+            mode="mostrecent",
+        )
 
     def _histogram(self, name: str, doc: str, labels: Iterable[str], buckets: Iterable[float]) -> Histogram:
         return Histogram(name, doc, labels, buckets=tuple(buckets), registry=self._own)
@@ -126,6 +134,10 @@ class Metrics:
 
     def in_flight(self, count: int) -> None:
         self.upstream_in_flight.set(count)
+
+    def quota(self, key: str, limit: str, remaining: int) -> None:
+        """quota.Quota's `on_remaining`: `key` is a configured client name, `limit` a quota limit's name."""
+        self._child(self.quota_remaining, key, limit).set(remaining)
 
     def observe(self, scope: Scope) -> Callable[[], None]:
         route = scope["path"] if scope["path"] in self._routes else OTHER

@@ -3,12 +3,14 @@
 Imported only when a limit is set. A request reserves an estimate when it is admitted (one atomic step), and
 `QuotaGate` settles it to Groq's reported usage once the answer is over, however it ends. The counts live in
 this process (`quota_local.Local`) or, with REDIS_URL, in Redis (`quota_redis.Shared`); both return `Raw` figures.
+With METRICS=true, `on_remaining` (metrics.Metrics.quota) gets each limit's remaining figure as the headers show
+it, and again after a settlement that changed the counts.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, TypeGuard
 
@@ -30,6 +32,7 @@ _NOT_SENT = frozenset({"overloaded", "not_configured"})  # refused by the servic
 # error (a 400 such as json_validate_failed or tool_use_failed comes after generating) keeps the reservation.
 _NOT_GENERATED = frozenset({"upstream_auth", "rate_limited", "upstream_busy", "upstream_unreachable"})
 _MAX_COUNT = 10_000_000  # a token count from Groq at or above this is not believed
+Remaining = Callable[[str, str, int], None]  # client name, limit name (_NAMES), requests or tokens remaining
 
 
 class Limits(NamedTuple):
@@ -78,8 +81,9 @@ class Admission:
 class Quota:
     """The limits of each client, and the admission that reserves tokens or refuses with 429."""
 
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(self, settings: Settings, store: Store, *, on_remaining: Remaining | None = None) -> None:
         self.store = store
+        self._on_remaining = on_remaining
         self._defaults = (
             settings.quota_requests_per_minute,
             settings.quota_tokens_per_minute,
@@ -124,7 +128,7 @@ class Quota:
         raw = await self.store.admit(client.name, limits, cost, True)  # QuotaUnavailable when down and closed
         if raw is None:  # down, and QUOTA_FAIL_MODE=open
             return
-        admission.headers = _headers(limits, raw)
+        admission.headers = self._headers(client.name, limits, raw)
         if raw.refused:
             scope[LOG_FIELDS]["quota"] = _NAMES[raw.refused]
             raise _exceeded(limits, raw, cost)
@@ -132,12 +136,10 @@ class Quota:
 
     async def peek(self, scope: Scope) -> list[tuple[bytes, bytes]]:
         """The headers for an answer that reserved nothing (refused before admission)."""
-        limits = self.limits(scope[CLIENT])
-        try:
-            raw = await self.store.admit(scope[CLIENT].name, limits, 0, False) if any(limits) else None
-        except errors.QuotaUnavailable:
-            raw = None
-        return [] if raw is None else _headers(limits, raw)
+        client = scope[CLIENT]
+        limits = self.limits(client)
+        raw = await self._look(client.name, limits) if any(limits) else None
+        return [] if raw is None else self._headers(client.name, limits, raw)
 
     async def settle(self, ticket: Ticket, fields: dict[str, Any]) -> None:
         prompt, completion = fields.get("prompt_tokens"), fields.get("completion_tokens")
@@ -149,6 +151,22 @@ class Quota:
             tokens = 0
         settled = await self.store.settle(ticket, tokens, error in _NOT_SENT)
         fields["charged_tokens"] = tokens if settled and tokens is not None else ticket.cost
+        if self._on_remaining and settled and (error in _NOT_SENT or tokens not in (None, ticket.cost)):
+            raw = await self._look(ticket.client, ticket.limits)  # the counts changed: report them as they are now
+            if raw is not None:
+                _report(self._on_remaining, ticket.client, ticket.limits, raw)
+
+    async def _look(self, client: str, limits: Limits) -> Raw | None:
+        """The counts as they are, booking nothing; None when the store is down."""
+        try:
+            return await self.store.admit(client, limits, 0, False)
+        except errors.QuotaUnavailable:
+            return None
+
+    def _headers(self, client: str, limits: Limits, raw: Raw) -> list[tuple[bytes, bytes]]:
+        if self._on_remaining:
+            _report(self._on_remaining, client, limits, raw)
+        return _headers(limits, raw)
 
 
 class QuotaGate:
@@ -214,6 +232,14 @@ def _headers(limits: Limits, raw: Raw) -> list[tuple[bytes, bytes]]:
     return headers
 
 
+def _report(on_remaining: Remaining, client: str, limits: Limits, raw: Raw) -> None:
+    """Each set limit's remaining figure (for tokens, each window's own, where the header shows the tighter)."""
+    left = (raw.requests_remaining, limits.tokens_per_minute - raw.minute_used, limits.tokens_per_day - raw.day_used)
+    for name, limit, remaining in zip(_NAMES[1:], limits, left, strict=True):
+        if limit:
+            on_remaining(client, name, max(0, remaining))
+
+
 def _kind(kind: bytes, limit: int, remaining: int, reset: float) -> list[tuple[bytes, bytes]]:
     return [
         (b"x-ratelimit-limit-" + kind, b"%d" % limit),
@@ -232,11 +258,11 @@ def duration(seconds: float) -> str:
     return f"{int(hours)}h{text}" if hours else text
 
 
-def build(settings: Settings) -> Quota:
+def build(settings: Settings, *, on_remaining: Remaining | None = None) -> Quota:
     if settings.redis_url:
         import quota_redis  # only with REDIS_URL
 
-        return Quota(settings, quota_redis.Shared(settings))
+        return Quota(settings, quota_redis.Shared(settings), on_remaining=on_remaining)
     import quota_local
 
-    return Quota(settings, quota_local.Local(settings))
+    return Quota(settings, quota_local.Local(settings), on_remaining=on_remaining)
