@@ -341,9 +341,6 @@ def _redis(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int]:
     return proc, port
 
 
-@pytest.mark.skipif(
-    "QUOTA_REQUESTS_PER_MINUTE" not in (ROOT / "config.py").read_text(), reason="quotas (issue 13) not merged yet"
-)
 def test_a_quota_in_redis_holds_across_both_replicas(deploy: Any, tmp_path: Path) -> None:
     redis, port = _redis(tmp_path)
     try:
