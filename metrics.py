@@ -2,7 +2,8 @@
 
 Imported only when METRICS=true, so prometheus-client (requirements-metrics.txt) stays optional.
 `middleware.RequestLog` calls `Metrics.observe` as a request starts and the function it returns with the
-request's final log fields; `Service` reports its Groq calls in flight, and quota.py each client's remaining
+request's final log fields (framing.py calls `refused_below` for a request refused before the app saw it,
+through the lifespan state); `Service` reports its Groq calls in flight, and quota.py each client's remaining
 quota. Nothing a client sends can add a series: routes are the app's templates (else `other`), methods the
 standard ones (else `_OTHER`), keys the configured clients' names or token key ids, and a model label only
 GROQ_MODEL, ALLOWED_MODELS, or (when ALLOWED_MODELS is unset) the first `_LEARNED_MODELS` models Groq answered
