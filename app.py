@@ -122,7 +122,7 @@ class Service:
         if self.settings.redis_url and self.quota is None:
             logger.warning("REDIS_URL is set but no quota is; Redis is not used")
         try:
-            yield {"client_timeout": self.settings.client_timeout}
+            yield {"client_timeout": self.settings.client_timeout, "metrics": self.metrics}  # framing.py reads both
         finally:
             if self.upstream is not None:
                 await self.upstream.aclose()

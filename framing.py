@@ -208,6 +208,8 @@ class GuardedProtocol(WriteDeadline, AutoHTTPProtocol):  # type: ignore[misc, va
         token = logging_config.REQUEST_ID.set(request_id)
         logger.info("request", extra={"fields": fields})
         logging_config.REQUEST_ID.reset(token)
+        if (metrics := self.app_state.get("metrics")) is not None:  # METRICS=true (Service.lifespan's state)
+            metrics.refused_below(fields)
 
     def _close(self) -> None:
         """uvicorn closes: when the client may still be sending, half-close after the answer and drop what

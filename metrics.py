@@ -2,7 +2,8 @@
 
 Imported only when METRICS=true, so prometheus-client (requirements-metrics.txt) stays optional.
 `middleware.RequestLog` calls `Metrics.observe` as a request starts and the function it returns with the
-request's final log fields; `Service` reports its Groq calls in flight, and quota.py each client's remaining
+request's final log fields (framing.py calls `refused_below` for a request refused before the app saw it,
+through the lifespan state); `Service` reports its Groq calls in flight, and quota.py each client's remaining
 quota. Nothing a client sends can add a series: routes are the app's templates (else `other`), methods the
 standard ones (else `_OTHER`), keys the configured clients' names or token key ids, and a model label only
 GROQ_MODEL, ALLOWED_MODELS, or (when ALLOWED_MODELS is unset) the first `_LEARNED_MODELS` models Groq answered
@@ -46,13 +47,29 @@ _NOT_REFUSALS = frozenset(
         "upstream_rejected",
         "upstream_auth",
         "rate_limited",
+        "upstream_busy",
         "upstream_error",
         "upstream_unreachable",
         "upstream_timeout",
         "internal_error",
     }
 )
-_GROQ_NOT_CALLED = frozenset({"overloaded", "quota_exceeded"})  # refused after validation, before any Groq call
+# Refused before any Groq call (quotas and the concurrency slot come after the body is read): no operation.
+_GROQ_NOT_CALLED = frozenset(
+    {
+        "overloaded",
+        "quota_exceeded",
+        "quota_unavailable",
+        "not_configured",
+        "unauthorized",
+        "invalid_json",
+        "invalid_request",
+        "validation_error",
+        "payload_too_large",
+        "unsupported_media_type",
+        "request_timeout",
+    }
+)
 _LEARNED_MODELS = 16
 _GEN_AI = ("chat", "groq")  # gen_ai_operation_name, gen_ai_provider_name
 _GEN_AI_LABELS = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model")
@@ -146,18 +163,20 @@ class Metrics:
 
         def finished() -> None:
             active.dec()
-            self._record(route, scope)
+            self._record(route, scope[LOG_FIELDS], scope.get(REQUESTED))
 
         return finished
 
-    def _record(self, route: str, scope: Scope) -> None:
-        fields: dict[str, Any] = scope[LOG_FIELDS]
-        method = fields["method"] if fields["method"] in _METHODS else "_OTHER"
+    def refused_below(self, fields: dict[str, Any]) -> None:
+        """framing.GuardedProtocol's access line for a request it refused before the app saw it (431, 400)."""
+        self._record(fields["path"] if fields.get("path") in self._routes else OTHER, fields, None)
+
+    def _record(self, route: str, fields: dict[str, Any], requested: tuple[str, bool] | None) -> None:
+        method = fields.get("method") if fields.get("method") in _METHODS else "_OTHER"
         self._child(self.requests, method, route, fields["status"]).observe(fields["duration_ms"] / 1000)
         error = fields.get("error")
         if error is not None and error not in _NOT_REFUSALS:
             self._child(self.refused, error).inc()
-        requested = scope.get(REQUESTED)
         if requested is not None and error not in _GROQ_NOT_CALLED:
             self._call(fields, *requested)
 
@@ -170,7 +189,7 @@ class Metrics:
         self._child(self.operations, *_GEN_AI, model, error).observe(seconds / 1000)
         if stream and "upstream_ms" in fields:
             self._child(self.first_token, *_GEN_AI, model, answered).observe(fields["upstream_ms"] / 1000)
-        key = fields.get("key_id") or "none"
+        key = fields.get("key") or fields.get("key_id") or "none"  # Authorize: a keys-file name, or a token's id
         for kind, name in _TOKEN_FIELDS:
             count = fields.get(name)
             if type(count) is int and count >= 0:  # Groq's count, checked: not a bool, a float or garbage
