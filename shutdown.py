@@ -5,9 +5,8 @@ Ctrl-C `asyncio.run` cancels them as it closes the loop; either way uvicorn woul
 answer a plain-text 500. `python app.py` cancels them itself at the deadline (`Requests.end_all`, called by
 server.py), a second before uvicorn would. `EndOnShutdown` turns the cancellation of its request's task,
 whoever sent it, into the 503 envelope or, for a stream already started, one last error event, and puts
-`error: shutting_down` on the access line. An answer that cannot be finished (a plain answer already under way,
-or a last send the client does not take within `_SEND_SECONDS`) ends with the connection aborted
-(`scope[ABORT]`, from framing.py), which uvicorn takes for a disconnect and does not log.
+`error: shutting_down` on the access line. An answer that cannot be finished (a plain one under way, or a last send
+not taken within `_SEND_SECONDS`) aborts the connection (`scope[ABORT]`): uvicorn sees a disconnect, logs nothing.
 """
 
 from __future__ import annotations
