@@ -175,11 +175,12 @@ class GuardedProtocol(WriteDeadline, AutoHTTPProtocol):  # type: ignore[misc, va
         scope[ABORT] = self._abort
         await self._app(scope, checked_receive, closing_send)
 
-    async def _abort(self) -> None:
-        """End the connection at once. The one turn of the loop lets the transport report the loss, so that
-        uvicorn sees a disconnected client when the app returns, and logs no unfinished response."""
-        self.transport.abort()
-        await asyncio.sleep(0)
+    async def _abort(self, always: bool) -> None:
+        """End the connection at once: always, or if the answer is not all handed to the kernel (a close would wait
+        on the client). The one turn of the loop lets the transport report the loss: uvicorn then sees a disconnect."""
+        if always or self._socket.get_write_buffer_size():
+            self.transport.abort()
+            await asyncio.sleep(0)
 
     async def _answer(self, error: ServiceError, scope: Scope, send: Send) -> None:
         self._refused = True

@@ -22,7 +22,7 @@ from errors import ShuttingDown
 from middleware import LOG_FIELDS, error_response
 from streaming import chat_error_event, openai_error_event
 
-ABORT = "service.abort"  # scope key: an async callable that aborts the request's connection (framing.py sets it)
+ABORT = "service.abort"  # scope key: `await scope[ABORT](always)` aborts the connection (framing.py sets it)
 _SEND_SECONDS = 0.5  # for the last answer: well before uvicorn cancels the request, a second after the deadline
 
 
@@ -92,5 +92,5 @@ async def _answer(scope: Scope, receive: Receive, send: Send, started: list[bool
                 event = openai_error_event if scope["path"].startswith(("/openai/", "/v1/")) else chat_error_event
                 await send({"type": "http.response.body", "body": event(error), "more_body": False})
                 completed = True
-    if not completed and ABORT in scope:
-        await scope[ABORT]()
+    if ABORT in scope:
+        await scope[ABORT](not completed)
