@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import os
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +22,11 @@ from env_values import (
     check_host_pattern,
     check_model,
     check_origin,
+    shown,
 )
 
 __all__ = ["MODEL_PATTERN", "ServiceKey", "Settings", "SettingsError", "load_settings"]
+_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,13 +102,15 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 
 
 def _dotenv(path: Path) -> dict[str, str]:
-    """The `.env` file's variables; a line python-dotenv cannot parse is an error, not a skipped line."""
+    """The `.env` file's variables; a line that is not blank, a comment or KEY=value is an error, not a skipped
+    line (python-dotenv reads a bare `KEY` line, without an error, as a variable of no value, and skips it)."""
     try:
         text = path.read_text(encoding="utf-8") if path.is_file() else ""
     except (OSError, UnicodeDecodeError):
         raise SettingsError(f"{path} cannot be read as UTF-8 text; fix or remove it") from None
     for binding in parse_stream(io.StringIO(text)):
-        if binding.error:  # python-dotenv counts the blank lines before a statement as part of it
+        if binding.error or (binding.key is not None and binding.value is None):
+            # python-dotenv counts the blank lines before a statement as part of it
             text = binding.original.string
             line = binding.original.line + text[: len(text) - len(text.lstrip())].count("\n")
             raise SettingsError(f"{path} line {line} cannot be parsed (check its quotes and the KEY=value form)")
@@ -113,10 +118,20 @@ def _dotenv(path: Path) -> dict[str, str]:
 
 
 def _masked(message: str, environ: Mapping[str, str]) -> str:
+    """Every run of 8 or more characters of a secret (a whole secret, if shorter) in any letter case."""
     secrets = [environ.get("GROQ_API_KEY", ""), *environ.get("SERVICE_API_KEYS", "").split(",")]
-    for secret in sorted({s.strip(" ") for s in secrets}, key=len, reverse=True):
-        if len(secret) >= 4:  # a fragment that short would mask ordinary words; such tokens are refused anyway
-            message = message.replace(secret, "[redacted]")
+    for secret in {s.strip(" ").translate(_LOWER) for s in secrets}:
+        if len(secret) < 4:  # a fragment that short would mask ordinary words; such tokens are refused anyway
+            continue
+        lower, kept, start = message.translate(_LOWER), [], 0  # ASCII-only lowering keeps every index
+        while start < len(message):
+            end = start
+            while end < len(message) and lower[start : end + 1] in secret:
+                end += 1
+            run = end - start >= min(8, len(secret))
+            kept.append("[redacted]" if run else message[start])
+            start = end if run else start + 1
+        message = "".join(kept)
     return message
 
 
@@ -156,7 +171,7 @@ def _parse(environ: Mapping[str, str]) -> Settings:
         allowed_hosts=tuple(check_host_pattern("ALLOWED_HOSTS", h) for h in env.csv("ALLOWED_HOSTS")),
     )
     if settings.allowed_models and settings.groq_model not in settings.allowed_models:
-        raise SettingsError(f"GROQ_MODEL {settings.groq_model!r} must be one of ALLOWED_MODELS")
+        raise SettingsError(f"GROQ_MODEL must be one of ALLOWED_MODELS ({shown(settings.groq_model)})")
     _check_quotas(settings)
     if "*" in env.csv("FORWARDED_ALLOW_IPS") and not (settings.service_api_keys or settings.service_keys):
         raise SettingsError(

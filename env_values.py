@@ -14,6 +14,7 @@ MIN_TOKEN_LENGTH = 16
 _LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 _HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?", re.I)
 _ORIGIN = re.compile(r"(https?)://(\[[0-9a-f:.]+\]|[^/:\[\]]+)(?::([0-9]{1,5}))?", re.I)
+_SHOWN_MAX = 24  # a longer value is described, not echoed: it may hold a secret pasted into the wrong variable
 
 
 class SettingsError(ValueError):
@@ -35,7 +36,7 @@ class Reader:
         if raw is None:
             return default
         if not re.fullmatch(r"[0-9]+", raw) or not low <= int(raw) <= high:
-            raise SettingsError(f"{name} must be a whole number from {low} to {high} (got {raw!r})")
+            raise SettingsError(f"{name} must be a whole number from {low} to {high} ({shown(raw)})")
         return int(raw)
 
     def limit(self, name: str) -> int | None:
@@ -59,7 +60,7 @@ class Reader:
         except ValueError:
             value = math.nan
         if not (math.isfinite(value) and value > 0):
-            raise SettingsError(f"{name} must be a number of seconds > 0 (got {raw!r})")
+            raise SettingsError(f"{name} must be a number of seconds > 0 ({shown(raw)})")
         return value
 
     def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
@@ -68,7 +69,7 @@ class Reader:
             return default
         value = raw.upper() if allowed == LOG_LEVELS else raw.lower()
         if value not in allowed:
-            raise SettingsError(f"{name} must be one of {', '.join(allowed)} (got {raw!r})")
+            raise SettingsError(f"{name} must be one of {', '.join(allowed)} ({shown(raw)})")
         return value
 
     def model(self, name: str, default: str) -> str:
@@ -82,7 +83,7 @@ class Reader:
         # The SDK appends /openai/v1/... itself, so an OpenAI-style base URL would double it.
         if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", raw) or raw.rstrip("/").endswith("/openai/v1"):
             raise SettingsError(
-                f"{name} must be an origin such as https://api.groq.com, without /openai/v1 (got {raw!r})"
+                f"{name} must be an origin such as https://api.groq.com, without /openai/v1 ({shown(raw)})"
             )
         return raw.rstrip("/")
 
@@ -119,14 +120,19 @@ class Reader:
         if not (_is_ip(address) or (address == raw and _HOSTNAME.fullmatch(raw))):
             raise SettingsError(
                 f"{name} must be an IP address or a host name, such as 127.0.0.1, 0.0.0.0, ::1 or localhost"
-                f" (got {raw!r})"
+                f" ({shown(raw)})"
             )
         return address
 
 
+def shown(value: str) -> str:
+    """How a message refers to the value it refuses: the value itself if short, else only its length."""
+    return f"got {value!r}" if len(value) <= _SHOWN_MAX else f"a value of {len(value)} characters"
+
+
 def check_model(name: str, value: str) -> str:
     if not MODEL_PATTERN.fullmatch(value):
-        raise SettingsError(f"{name} must hold 1-128 characters of A-Z a-z 0-9 . _ : / - (got {value!r})")
+        raise SettingsError(f"{name} must hold 1-128 characters of A-Z a-z 0-9 . _ : / - ({shown(value)})")
     return value
 
 
@@ -147,7 +153,7 @@ def check_origin(name: str, value: str) -> str:
     if value != "*" and not (valid and (port is None or 0 < int(port) < 65536)):
         raise SettingsError(
             f"{name} entries must be * or scheme://host[:port] such as https://app.example, without a path"
-            f" or trailing slash (got {value!r})"
+            f" or trailing slash ({shown(value)})"
         )
     return value.lower()
 
@@ -159,6 +165,6 @@ def check_host_pattern(name: str, value: str) -> str:
     if not (value == "*" or (bracketed and _is_ip(rest[1:-1])) or _is_ip(rest) or _HOSTNAME.fullmatch(rest)):
         raise SettingsError(
             f"{name} entries must be host names or addresses without a port, such as api.example.com,"
-            f" *.example.com or 10.0.0.5 (got {value!r})"
+            f" *.example.com or 10.0.0.5 ({shown(value)})"
         )
     return f"[{value}]" if ":" in value and _is_ip(value) else value.lower()  # as a Host header writes IPv6

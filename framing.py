@@ -29,6 +29,7 @@ import logging_config
 from errors import HeadersTooLarge, InvalidRequest, ServiceError
 from lifetimes import WriteDeadline
 from middleware import elapsed_ms
+from shutdown import ABORT
 
 _MAX_HEAD_BYTES = 16 * 1024  # a whole request head (Node's and h11's default)
 _MAX_LINE_BYTES = 8 * 1024  # one line of it (nginx's and Apache's)
@@ -171,7 +172,15 @@ class GuardedProtocol(WriteDeadline, AutoHTTPProtocol):  # type: ignore[misc, va
                 message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
             await send(message)
 
+        scope[ABORT] = self._abort
         await self._app(scope, checked_receive, closing_send)
+
+    async def _abort(self, always: bool) -> None:
+        """End the connection at once: always, or if the answer is not all handed to the kernel (a close would wait
+        on the client). The one turn of the loop lets the transport report the loss: uvicorn then sees a disconnect."""
+        if always or self._socket.get_write_buffer_size():
+            self.transport.abort()
+            await asyncio.sleep(0)
 
     async def _answer(self, error: ServiceError, scope: Scope, send: Send) -> None:
         self._refused = True

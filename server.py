@@ -7,7 +7,8 @@
 2. After a graceful shutdown on SIGTERM, uvicorn re-raises the signal to itself (exit 143); `_Server`
    exits 0 instead, and ignores a repeated SIGTERM while the interpreter winds down after the drain.
    It treats SIGHUP like SIGTERM, and at SHUTDOWN_TIMEOUT (or at a second Ctrl-C) ends the requests still
-   running with 503 shutting_down (shutdown.py) before uvicorn's own cancellation, a second later, would.
+   running with 503 shutting_down (shutdown.py) before uvicorn's own cancellation, a second later, would; an
+   answer its client is not taking is cut then by aborting the connection (`framing.GuardedProtocol._abort`).
 """
 
 from __future__ import annotations

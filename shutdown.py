@@ -5,7 +5,8 @@ Ctrl-C `asyncio.run` cancels them as it closes the loop; either way uvicorn woul
 answer a plain-text 500. `python app.py` cancels them itself at the deadline (`Requests.end_all`, called by
 server.py), a second before uvicorn would. `EndOnShutdown` turns the cancellation of its request's task,
 whoever sent it, into the 503 envelope or, for a stream already started, one last error event, and puts
-`error: shutting_down` on the access line.
+`error: shutting_down` on the access line. An answer that cannot be finished (a plain one under way, or a last send
+not taken within `_SEND_SECONDS`) aborts the connection (`scope[ABORT]`): uvicorn sees a disconnect, logs nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from errors import ShuttingDown
 from middleware import LOG_FIELDS, error_response
 from streaming import chat_error_event, openai_error_event
+
+ABORT = "service.abort"  # scope key: `await scope[ABORT](always)` aborts the connection (framing.py sets it)
+_SEND_SECONDS = 0.5  # for the last answer: well before uvicorn cancels the request, a second after the deadline
 
 
 class Requests:
@@ -77,9 +81,16 @@ async def _answer(scope: Scope, receive: Receive, send: Send, started: list[bool
     fields = scope[LOG_FIELDS]
     fields["error"] = error.type
     fields.pop("disconnected", None)
-    with contextlib.suppress(OSError):  # the client may be gone already
-        if not started:
-            await error_response(error, scope)(scope, receive, send)
-        elif started[0]:
-            event = openai_error_event if scope["path"].startswith(("/openai/", "/v1/")) else chat_error_event
-            await send({"type": "http.response.body", "body": event(error), "more_body": False})
+    completed = False
+    # The client may be gone (OSError) or not reading (TimeoutError); uvicorn may cancel us after all.
+    with contextlib.suppress(OSError, TimeoutError, asyncio.CancelledError):
+        async with asyncio.timeout(_SEND_SECONDS):
+            if not started:
+                await error_response(error, scope)(scope, receive, send)
+                completed = True
+            elif started[0]:
+                event = openai_error_event if scope["path"].startswith(("/openai/", "/v1/")) else chat_error_event
+                await send({"type": "http.response.body", "body": event(error), "more_body": False})
+                completed = True
+    if ABORT in scope:
+        await scope[ABORT](not completed)

@@ -1,0 +1,56 @@
+"""Configuration fails closed, continued: a `.env` line that is not KEY=value stops `python app.py`, and a
+configuration error never prints a secret pasted into another variable, in any case and in no part."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_config_closed import _fails
+
+SECRET = "gsk_secret_0123456789"
+
+
+@pytest.mark.parametrize(
+    ("dotenv", "line_number"),
+    [
+        ("GROQ_MODEL=openai/gpt-oss-20b\nALLOWED_MODELS\nLOG_LEVEL=INFO\n", 2),  # a bare key: the allowlist lost
+        ("# keys\n\nGROQ_MODEL=openai/gpt-oss-20b\n\n  gsk_stray_token_0123  \n", 5),  # a stray token line
+        ("export LOG_LEVEL\n", 1),
+    ],
+)
+def test_a_dotenv_line_that_is_not_key_value_stops_the_service(
+    start_process: Any, tmp_path: Path, dotenv: str, line_number: int
+) -> None:
+    (tmp_path / ".env").write_text(dotenv)
+    line = _fails(start_process, {}, cwd=tmp_path)
+    assert line["msg"] == (
+        f"configuration error: .env line {line_number} cannot be parsed (check its quotes and the KEY=value form)"
+    )
+    assert "gsk_stray" not in line["msg"]
+
+
+def _fragments(secret: str) -> set[str]:
+    return {secret[i : i + 8].lower() for i in range(len(secret) - 7)}
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "shown"),
+    [
+        ("LOG_LEVEL", SECRET.upper(), "(got '[redacted]')"),  # the key, upper-cased
+        ("GROQ_MODEL", "x " + SECRET[:-2], "(got 'x [redacted]')"),  # 19 of its 21 characters
+        ("GROQ_TIMEOUT", "ab" + SECRET[3:].upper(), "(got 'ab[redacted]')"),
+        ("PORT", "8000 # " + SECRET + " was here", "(a value of 37 characters)"),  # too long to echo at all
+        ("CORS_ORIGINS", "https://" + SECRET + ".example", "(a value of 37 characters)"),
+    ],
+)
+def test_no_part_of_a_secret_is_printed(start_process: Any, name: str, value: str, shown: str) -> None:
+    line = _fails(start_process, {"GROQ_API_KEY": SECRET, name: value})
+    assert line["msg"].startswith(f"configuration error: {name} ") and line["msg"].endswith(shown), line["msg"]
+    assert not [part for part in _fragments(SECRET) if part in line["msg"].lower()]
+
+
+def test_a_short_value_is_still_echoed(start_process: Any) -> None:
+    line = _fails(start_process, {"GROQ_API_KEY": SECRET, "LOG_LEVEL": "verbose"})
+    assert line["msg"].endswith(" must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL (got 'verbose')")
