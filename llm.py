@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import ssl
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any, cast
 
 import anyio
@@ -62,13 +62,25 @@ class Upstream:
             if client is not None:
                 await client.close()
 
-    @contextlib.contextmanager
-    def _client(self) -> Iterator[groq.AsyncGroq]:
+    @contextlib.asynccontextmanager
+    async def _client(self) -> AsyncIterator[groq.AsyncGroq]:
         # The slot is freed only after the pool, so one is always free; were it not, two calls would share one.
         shard = self._free.pop() if self._free else self._busy.index(min(self._busy))
         self._busy[shard] += 1
         try:
             yield self._clients[shard] or self._new_client(shard)
+        except (groq.APIStatusError, errors.ServiceError):
+            raise  # Groq answered, or we ended the stream and closed its response: the connection is sound
+        except BaseException:
+            # A call cut short (a client that left, a deadline, a broken connection) can leave the pool's one
+            # connection marked busy in httpcore, and every later call on it would wait for GROQ_TIMEOUT: the
+            # pool starts afresh instead.
+            stale = self._clients[shard]
+            if stale is not None and self._busy[shard] == 1:
+                self._clients[shard] = None
+                with anyio.CancelScope(shield=True):
+                    await stale.close()
+            raise
         finally:
             self._busy[shard] -= 1
             if not self._busy[shard]:
@@ -95,8 +107,8 @@ class Upstream:
         return groq_wire.model_list(await self._call(MODELS_PATH, None))
 
     async def _call(self, path: str, body: dict[str, Any] | None) -> bytes:
-        with groq_wire.mapped_errors(self._secret), self._client() as client:
-            async with asyncio.timeout(self._timeout):
+        with groq_wire.mapped_errors(self._secret):
+            async with self._client() as client, asyncio.timeout(self._timeout):
                 if body is None:
                     return (await client.get(path, cast_to=httpx.Response)).content
                 return (await client.post(path, body=body, cast_to=httpx.Response)).content
@@ -111,34 +123,35 @@ class Upstream:
         body = {**body, "stream": True}
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
-        with self._client() as client, groq_wire.mapped_errors(self._secret):
-            async with asyncio.timeout_at(deadline):
-                response = cast(
-                    httpx.Response,
-                    await client.post(
-                        CHAT_PATH, body=body, cast_to=httpx.Response, stream=True, stream_cls=groq.AsyncStream[Any]
-                    ),
-                )
-            try:
-                reads = response.aiter_bytes()
-                pending, done = b"", False
-                while True:  # read to the end even after [DONE], so the connection goes back to the pool
-                    async with asyncio.timeout_at(deadline):
-                        data = await anext(reads, None)
-                    if data is None:
-                        break
-                    events, pending = ([], b"") if done else groq_wire.split_events(pending + data, self._secret)
-                    if len(pending) > _MAX_EVENT_BYTES:
-                        raise errors.UpstreamError("Groq sent a stream event too large to relay; try again.")
-                    if events:
-                        done = events[-1][1] == "[DONE]"
-                        yield events
-                    deadline = loop.time() + self._idle_timeout
-                if not done:
-                    raise errors.UpstreamError("Groq ended the stream before it was complete; try again.")
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await response.aclose()
+        with groq_wire.mapped_errors(self._secret):
+            async with self._client() as client:
+                async with asyncio.timeout_at(deadline):
+                    response = cast(
+                        httpx.Response,
+                        await client.post(
+                            CHAT_PATH, body=body, cast_to=httpx.Response, stream=True, stream_cls=groq.AsyncStream[Any]
+                        ),
+                    )
+                try:
+                    reads = response.aiter_bytes()
+                    pending, done = b"", False
+                    while True:  # read to the end even after [DONE], so the connection goes back to the pool
+                        async with asyncio.timeout_at(deadline):
+                            data = await anext(reads, None)
+                        if data is None:
+                            break
+                        events, pending = ([], b"") if done else groq_wire.split_events(pending + data, self._secret)
+                        if len(pending) > _MAX_EVENT_BYTES:
+                            raise errors.UpstreamError("Groq sent a stream event too large to relay; try again.")
+                        if events:
+                            done = events[-1][1] == "[DONE]"
+                            yield events
+                        deadline = loop.time() + self._idle_timeout
+                    if not done:
+                        raise errors.UpstreamError("Groq ended the stream before it was complete; try again.")
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await response.aclose()
 
     async def chat_stream(
         self, messages: Messages, model: str, params: dict[str, Any]
