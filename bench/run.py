@@ -138,6 +138,7 @@ def _wrk(url: str, body: str, headers: dict[str, str], concurrency: int, seconds
         "p99": _ms(re.search(r"99%\s+([\d.]+\w+)", out).group(1)),  # type: ignore[union-attr]
         "max": _ms(re.search(r"Latency\s+\S+\s+\S+\s+([\d.]+\w+)", out).group(1)),  # type: ignore[union-attr]
         "ok": requests - (int(bad.group(1)) if bad else 0),
+        "bad": int(bad.group(1)) if bad else 0,
         "timeouts": int(timeouts.group(1)) if (timeouts := re.search(r"timeout (\d+)", out)) else 0,
     }
 
@@ -174,7 +175,15 @@ async def _asyncio_load(
     await asyncio.gather(*(client() for _ in range(concurrency)))
     cuts = statistics.quantiles(latencies, n=100, method="inclusive")
     rps = len(latencies) / (time.perf_counter() - started)
-    return {"rps": rps, "p50": cuts[49], "p99": cuts[98], "max": max(latencies), "ok": ok, "timeouts": 0}
+    return {
+        "rps": rps,
+        "p50": cuts[49],
+        "p99": cuts[98],
+        "max": max(latencies),
+        "ok": ok,
+        "bad": len(latencies) - ok,
+        "timeouts": 0,
+    }
 
 
 def upstream_connections(fake_url: str) -> int:
@@ -283,16 +292,19 @@ def one_run(
         row["added_p50_ms"] = c1["p50"] - direct["p50"]
         row["c1_max_ms"] = c1["max"]
         load(url, "/chat", CHAT, 64, 0.5, wrk=wrk)  # warm-up: every upstream connection opened
+        time.sleep(0.3)  # the calls the warm-up's end cut off free their slots
         cpu, opened = cpu_seconds(service.pid), steady_connections(fake_url, seconds)
         fast = load(url, "/chat", CHAT, 64, seconds, wrk=wrk)
         row["cpu_us_c64"] = (cpu_seconds(service.pid) - cpu) / fast["ok"] * 1e6
         row["c64_new_conns_per_1000"] = opened() / (fast["rps"] * seconds * 0.6) * 1000
         row |= {"c64_rps": fast["rps"], "c64_p99_ms": fast["p99"], "c64_max_ms": fast["max"]}
+        time.sleep(0.3)
         cpu, opened = cpu_seconds(service.pid), steady_connections(fake_url, seconds)
         slow = load(url, "/chat", {**CHAT, "model": "bench/delay50"}, 64, seconds, wrk=wrk)
         row["cpu_us_c64_delay50"] = (cpu_seconds(service.pid) - cpu) / slow["ok"] * 1e6
         row["c64_delay50_new_conns_per_1000"] = opened() / (slow["rps"] * seconds * 0.6) * 1000
         row["timeouts"] = fast["timeouts"] + slow["timeouts"]
+        row["not_ok"] = fast["bad"] + slow["bad"]
         row |= {"c64_delay50_rps": slow["rps"], "c64_delay50_p99_ms": slow["p99"], "c64_delay50_max_ms": slow["max"]}
         time.sleep(0.5)  # calls cut off at the end of the last phase still hold their slots for up to 50 ms
         cpu = cpu_seconds(service.pid)
@@ -306,6 +318,7 @@ def one_run(
         service.wait(30)
     row |= at_capacity(python, fake_url, seconds, wrk)
     row["timeouts"] += row.pop("cap16_timeouts")
+    row["not_ok"] += row.pop("cap16_not_ok")
     row |= metrics_cost(python, fake_url, seconds, wrk)
     row["floor_us_c1"] = sdk_floor_us(python, fake_url, "openai/gpt-oss-20b", 1, seconds)
     row["floor_us_c64_delay50"] = sdk_floor_us(python, fake_url, "bench/delay50", 64, seconds)
@@ -320,6 +333,7 @@ def at_capacity(python: str, fake_url: str, seconds: float, wrk: bool, capacity:
     service, url, _ = start_service(python, fake_url, 1, max_concurrency=capacity)
     try:
         load(url, "/chat", CHAT, capacity, 0.5, wrk=wrk)  # warm-up
+        time.sleep(0.3)
         full = load(url, "/chat", CHAT, capacity, seconds, wrk=wrk)
     finally:
         service.terminate()
@@ -329,6 +343,7 @@ def at_capacity(python: str, fake_url: str, seconds: float, wrk: bool, capacity:
         "cap16_p99_ms": full["p99"],
         "cap16_max_ms": full["max"],
         "cap16_timeouts": full["timeouts"],
+        "cap16_not_ok": full["bad"],
     }
 
 
@@ -384,6 +399,7 @@ FIGURES = [  # key, label, target, format
     ("cap16_p99_ms", "p99 c=16 = MAX_CONCURRENCY=16, no upstream delay (ms)", "", "{:.1f}"),
     ("cap16_max_ms", "max c=16 = MAX_CONCURRENCY=16, no upstream delay (ms)", "< 1000", "{:.1f}"),
     ("timeouts", "requests with no answer within 10 s, c=16 and c=64 phases (not in p99 or max)", "0", "{:.0f}"),
+    ("not_ok", "answers other than 200 in the c=16 and c=64 phases", "0", "{:.0f}"),
     ("c1_p50_ms", "p50 c=1 through the service (ms)", "", "{:.2f}"),
     ("c1_p99_ms", "p99 c=1 through the service (ms)", "", "{:.2f}"),
     ("c1_max_ms", "max c=1 through the service (ms)", "", "{:.2f}"),
