@@ -78,7 +78,7 @@ class Upstream:
             stale = self._clients[shard]
             if stale is not None and self._busy[shard] == 1:
                 self._clients[shard] = None
-                with anyio.CancelScope(shield=True):
+                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):  # the call's own error wins
                     await stale.close()
             raise
         finally:
