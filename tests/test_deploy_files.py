@@ -205,10 +205,12 @@ def test_compose_runs_two_replicas_redis_and_nginx_with_metrics_on() -> None:
 # mounted where the image's WORKDIR would be, every mount the service could write to is made read-only,
 # and /tmp is a fresh tmpfs. /srv stands in for /app, which does not exist on this machine. Coverage is off in
 # there (the image has none, and it would write its data file next to the tests).
+# The venv is bound at /mnt (read-only) too, since a fresh /tmp would hide one that lives under /tmp.
 _READ_ONLY = (
     'set -e; mount --make-rprivate /; mount --bind "$0" /srv; mount -o remount,bind,ro /srv;'
+    ' mount --bind "$1" /mnt; mount -o remount,bind,ro /mnt;'
     " mount -o remount,bind,ro /; mount -t tmpfs -o size=16m tmpfs /tmp; cd /srv;"
-    ' exec env -u COVERAGE_PROCESS_CONFIG -u COVERAGE_PROCESS_START "$1" app.py'
+    " exec env -u COVERAGE_PROCESS_CONFIG -u COVERAGE_PROCESS_START /mnt/bin/python app.py"
 )
 
 
@@ -223,7 +225,7 @@ def test_the_image_files_run_on_a_read_only_root_filesystem(fake: Any, start_pro
     image_env = dict(pair.split("=", 1) for pair in shlex.split(" ".join(_all("ENV"))))
     env = {**image_env, **groq_env(fake), "SERVICE_API_KEYS": CLIENT_TOKEN, "PORT": str(free_port())}
     env = {k: v for k, v in env.items() if k != "HOST"}  # 0.0.0.0 in the image; tests bind 127.0.0.1
-    command = ["unshare", "--mount", "sh", "-c", _READ_ONLY, str(context), sys.executable]
+    command = ["unshare", "--mount", "sh", "-c", _READ_ONLY, str(context), sys.prefix]
     service = start_process(env, command)
     headers = {"Authorization": f"Bearer {CLIENT_TOKEN}"}
     response = httpx.post(service.url + "/chat", json={"prompt": "Hi"}, headers=headers, timeout=10)
