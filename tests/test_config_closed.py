@@ -82,6 +82,9 @@ def test_forwarded_allow_ips_star_is_refused_without_tokens(start_process: Any) 
         ('GROQ_MODEL=openai/gpt-oss-20b\nALLOWED_MODELS="openai/gpt-oss-20b\nLOG_LEVEL=INFO\n', 2),
         (f"# comment\n\nGROQ_API_KEY='{KEY}\n", 3),
         (f"GROQ_API_KEY={KEY}\nnot a variable line\n", 2),
+        ("GROQ_MODEL=openai/gpt-oss-20b\nALLOWED_MODELS\nLOG_LEVEL=INFO\n", 2),  # a bare key: the allowlist lost
+        ("# keys\n\nGROQ_MODEL=openai/gpt-oss-20b\n\n  gsk_stray_token_0123  \n", 5),  # a stray token line
+        ("export LOG_LEVEL\n", 1),
     ],
 )
 def test_an_unparsable_dotenv_line_stops_the_service(

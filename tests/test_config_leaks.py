@@ -1,34 +1,13 @@
-"""Configuration fails closed, continued: a `.env` line that is not KEY=value stops `python app.py`, and a
-configuration error never prints a secret pasted into another variable, in any case and in no part."""
+"""A configuration error never prints a secret pasted into another variable, in any case and in no part."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 from test_config_closed import _fails
 
 SECRET = "gsk_secret_0123456789"
-
-
-@pytest.mark.parametrize(
-    ("dotenv", "line_number"),
-    [
-        ("GROQ_MODEL=openai/gpt-oss-20b\nALLOWED_MODELS\nLOG_LEVEL=INFO\n", 2),  # a bare key: the allowlist lost
-        ("# keys\n\nGROQ_MODEL=openai/gpt-oss-20b\n\n  gsk_stray_token_0123  \n", 5),  # a stray token line
-        ("export LOG_LEVEL\n", 1),
-    ],
-)
-def test_a_dotenv_line_that_is_not_key_value_stops_the_service(
-    start_process: Any, tmp_path: Path, dotenv: str, line_number: int
-) -> None:
-    (tmp_path / ".env").write_text(dotenv)
-    line = _fails(start_process, {}, cwd=tmp_path)
-    assert line["msg"] == (
-        f"configuration error: .env line {line_number} cannot be parsed (check its quotes and the KEY=value form)"
-    )
-    assert "gsk_stray" not in line["msg"]
 
 
 def _fragments(secret: str) -> set[str]:
