@@ -28,7 +28,7 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 import logging_config
 from errors import HeadersTooLarge, InvalidRequest, ServiceError
 from lifetimes import WriteDeadline
-from middleware import elapsed_ms
+from middleware import elapsed_ms, is_sdk_route
 from shutdown import ABORT
 
 _MAX_HEAD_BYTES = 16 * 1024  # a whole request head (Node's and h11's default)
@@ -183,11 +183,7 @@ class GuardedProtocol(WriteDeadline, AutoHTTPProtocol):  # type: ignore[misc, va
             await asyncio.sleep(0)
 
     async def _answer(self, error: ServiceError, scope: Scope, send: Send) -> None:
-        self._refused = True
-        request_id = uuid.uuid4().hex
-        body = error.body(request_id, openai=scope["path"].startswith(("/openai/", "/v1/")))
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        headers += [(b"x-request-id", request_id.encode()), (b"connection", b"close")]
+        request_id, body, headers = self._envelope(error, openai=is_sdk_route(scope))
         await send({"type": "http.response.start", "status": error.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         self._log(error, request_id, {"method": scope["method"], "path": scope["path"]})
@@ -201,14 +197,20 @@ class GuardedProtocol(WriteDeadline, AutoHTTPProtocol):  # type: ignore[misc, va
                 self._write_refusal(error)
 
     def _write_refusal(self, error: ServiceError) -> None:
-        self._refused = True
-        request_id = uuid.uuid4().hex
-        body = error.body(request_id)
-        head = f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}\r\ncontent-type: application/json\r\n"
-        head += f"content-length: {len(body)}\r\nx-request-id: {request_id}\r\nconnection: close\r\n\r\n"
-        self.transport.write(head.encode() + body)
+        request_id, body, headers = self._envelope(error, openai=False)
+        head = b"HTTP/1.1 %d %s\r\n" % (error.status, HTTPStatus(error.status).phrase.encode())
+        head += b"".join(b"%s: %s\r\n" % header for header in headers)
+        self.transport.write(head + b"\r\n" + body)
         self.transport.close()
         self._log(error, request_id, {})
+
+    def _envelope(self, error: ServiceError, *, openai: bool) -> tuple[str, bytes, list[tuple[bytes, bytes]]]:
+        """A refusal's request id, body and headers; the connection closes after it."""
+        self._refused = True
+        request_id = uuid.uuid4().hex
+        body = error.body(request_id, openai=openai)
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        return request_id, body, [*headers, (b"x-request-id", request_id.encode()), (b"connection", b"close")]
 
     def _log(self, error: ServiceError, request_id: str, fields: dict[str, Any]) -> None:
         """The access line RequestLog writes, for a request refused before the app saw it."""
@@ -263,11 +265,12 @@ class GuardedProtocol(WriteDeadline, AutoHTTPProtocol):  # type: ignore[misc, va
         timeout = self.app_state.get("client_timeout", 15.0)
         self._deadline = asyncio.get_running_loop().call_later(timeout, self._expire)
 
-    def _waiting_for_head(self, armed: Any) -> bool:
+    def _waiting_for_head(self) -> bool:
+        armed = self._armed_cycle
         return self.cycle is armed and (armed is None or armed.response_complete)
 
     def _expire(self) -> None:
-        if self._waiting_for_head(self._armed_cycle) and not self.transport.is_closing():
+        if self._waiting_for_head() and not self.transport.is_closing():
             self.transport.close()
 
 

@@ -1,8 +1,6 @@
 """Pure ASGI middleware: the request id and the one access line per request, and who may call.
 
-Stack, outermost first (declared in app.py): Starlette's ServerErrorMiddleware -> RequestLog ->
-shutdown.EndOnShutdown -> Cors (only when CORS_ORIGINS is set) -> Authorize -> Starlette's
-ExceptionMiddleware -> router.
+The whole stack, and its order, is declared in app.py.
 """
 
 from __future__ import annotations
@@ -120,9 +118,11 @@ class Authorize:
         cors_origins: tuple[str, ...] = (),
     ) -> None:
         self.app = app
-        digests = [(hashlib.sha256(k.encode()).digest(), hashlib.sha256(k.encode()).hexdigest()[:8]) for k in keys]
+        digests = [hashlib.sha256(k.encode()) for k in keys]
         # Tokens from SERVICE_API_KEYS are known by an 8-hex key_id, entries of SERVICE_KEYS_FILE by their name.
-        self._digests = {c.sha256: c for c in clients} or {d: ServiceKey(key_id, d) for d, key_id in digests}
+        self._digests = {c.sha256: c for c in clients} or {
+            d.digest(): ServiceKey(d.hexdigest()[:8], d.digest()) for d in digests
+        }
         self._log_as = "key" if clients else "key_id"
         self._hosts = allowed_hosts if allowed_hosts or not self._digests else None  # None: no Host check
         self._origins = frozenset(cors_origins)
@@ -229,5 +229,10 @@ class Cors(CORSMiddleware):
 def error_response(error: ServiceError, scope: Scope) -> Response:
     """The envelope; on the SDK routes it also carries `code`, which the OpenAI and groq SDKs read."""
     request_id = logging_config.REQUEST_ID.get() or ""
-    body = error.body(request_id, openai=scope["path"].startswith(("/openai/", "/v1/")))
+    body = error.body(request_id, openai=is_sdk_route(scope))
     return Response(body, error.status, headers=error.headers, media_type="application/json")
+
+
+def is_sdk_route(scope: Scope) -> bool:
+    """The groq/openai SDK routes, whose errors carry `code` and whose streams end in OpenAI's error event."""
+    return str(scope["path"]).startswith(("/openai/", "/v1/"))

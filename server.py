@@ -38,14 +38,14 @@ class _Server(uvicorn.Server):
     def __init__(
         self,
         config: uvicorn.Config,
-        on_exit: Callable[[], None] = lambda: None,
+        on_exit: Callable[[], None],
         *,
-        requests: Requests | None = None,
-        deadline: float = 30.0,
+        requests: Requests,
+        deadline: float,
     ) -> None:
         super().__init__(config)
         self._on_exit = on_exit
-        self._requests = requests or Requests()
+        self._requests = requests
         self._deadline = deadline
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ended = False

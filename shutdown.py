@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from errors import ShuttingDown
-from middleware import LOG_FIELDS, error_response
+from middleware import LOG_FIELDS, error_response, is_sdk_route
 from streaming import chat_error_event, openai_error_event
 
 ABORT = "service.abort"  # scope key: `await scope[ABORT](always)` aborts the connection (framing.py sets it)
@@ -39,13 +38,12 @@ class Requests:
         return len(self.tasks)
 
     async def wait_ended(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while self.tasks and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=timeout)
 
 
 class EndOnShutdown:
-    """Pure ASGI middleware, just inside RequestLog: answers a cancelled request with `shutting_down`."""
+    """Pure ASGI middleware, inside RequestLog and Paced: answers a cancelled request with `shutting_down`."""
 
     def __init__(self, app: ASGIApp, requests: Requests) -> None:
         self.app = app
@@ -89,7 +87,7 @@ async def _answer(scope: Scope, receive: Receive, send: Send, started: list[bool
                 await error_response(error, scope)(scope, receive, send)
                 completed = True
             elif started[0]:
-                event = openai_error_event if scope["path"].startswith(("/openai/", "/v1/")) else chat_error_event
+                event = openai_error_event if is_sdk_route(scope) else chat_error_event
                 await send({"type": "http.response.body", "body": event(error), "more_body": False})
                 completed = True
     if ABORT in scope:
