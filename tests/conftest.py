@@ -20,6 +20,7 @@ import httpx
 import pytest
 import uvicorn
 from fake_groq import API_KEY, FakeGroq
+from redis_server import RedisServer
 
 import logging_config
 import server
@@ -97,6 +98,14 @@ def start_service() -> Iterator[Any]:
     yield start
     for service in started:
         service.stop()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server of the test's own, stopped after it."""
+    server = RedisServer().start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -96,6 +96,8 @@ print(json.dumps(sorted(m for m in sys.modules if os.path.exists(m + ".py") or m
     [
         ({}, []),
         ({"QUOTA_REQUESTS_PER_MINUTE": "5"}, ["quota", "quota_local"]),
+        ({"REDIS_URL": "redis://127.0.0.1:1/0"}, []),  # no quota: Redis is not used
+        ({"QUOTA_REQUESTS_PER_MINUTE": "5", "REDIS_URL": "redis://127.0.0.1:1/0"}, ["quota", "quota_redis", "redis"]),
         ({"METRICS": "true"}, ["metrics", "prometheus_client"]),
     ],
 )

@@ -21,6 +21,7 @@ import httpx
 import pytest
 from conftest import CLIENT_TOKEN, ROOT, Process, free_port, groq_env
 from fake_groq import Behaviour, FakeGroq
+from redis_server import RedisServer
 
 NGINX = "/usr/sbin/nginx"
 REPLICAS = ("replica-a", "replica-b")
@@ -328,33 +329,15 @@ def test_a_killed_replica_fails_only_the_requests_in_flight_on_it(deploy: Any) -
     assert len(deployment.fakes["replica-b"].chat_requests()) == in_flight["replica-b"] + 6, "no POST was resent"
 
 
-def _redis(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    proc = subprocess.Popen([*command, "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
-
-    def answers() -> bool:
-        with socket.socket() as sock:
-            return sock.connect_ex(("127.0.0.1", port)) == 0
-
-    _wait(answers, 10, "redis-server")
-    return proc, port
-
-
-def test_a_quota_in_redis_holds_across_both_replicas(deploy: Any, tmp_path: Path) -> None:
-    redis, port = _redis(tmp_path)
-    try:
-        limit = 5
-        deployment = deploy(QUOTA_REQUESTS_PER_MINUTE=str(limit), REDIS_URL=f"redis://127.0.0.1:{port}/0")
-        with _client(deployment.nginx.url) as client:
-            responses = [client.post("/chat", json={"prompt": "Say hello"}) for _ in range(limit + 4)]
-        assert [r.status_code for r in responses] == [200] * limit + [429] * 4
-        assert {r.json()["error"]["type"] for r in responses[limit:]} == {"quota_exceeded"}
-        assert deployment.upstream_calls() == limit
-        _wait(lambda: len(deployment.chat_lines()) == limit + 4, 10, "every request in the replicas' logs")
-        for name, replica in deployment.replicas.items():  # the limit is shared: each replica let some through
-            statuses = [line["status"] for line in replica.json_lines() if line.get("path") == "/chat"]
-            assert 200 in statuses, f"{name} passed none"
-    finally:
-        redis.terminate()
-        redis.wait(10)
+def test_a_quota_in_redis_holds_across_both_replicas(deploy: Any, redis_server: RedisServer) -> None:
+    limit = 5
+    deployment = deploy(QUOTA_REQUESTS_PER_MINUTE=str(limit), REDIS_URL=redis_server.url)
+    with _client(deployment.nginx.url) as client:
+        responses = [client.post("/chat", json={"prompt": "Say hello"}) for _ in range(limit + 4)]
+    assert [r.status_code for r in responses] == [200] * limit + [429] * 4
+    assert {r.json()["error"]["type"] for r in responses[limit:]} == {"quota_exceeded"}
+    assert deployment.upstream_calls() == limit
+    _wait(lambda: len(deployment.chat_lines()) == limit + 4, 10, "every request in the replicas' logs")
+    for name, replica in deployment.replicas.items():  # the limit is shared: each replica let some through
+        statuses = [line["status"] for line in replica.json_lines() if line.get("path") == "/chat"]
+        assert 200 in statuses, f"{name} passed none"

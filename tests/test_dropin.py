@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -209,7 +210,8 @@ def test_sdk_retry_honours_retry_after(fake: FakeGroq, start_service: Any) -> No
 
 
 def test_overload_is_503_with_retry_after(fake: FakeGroq, start_service: Any) -> None:
-    fake.behaviours["slow"] = Behaviour(delay=2)
+    gate = threading.Event()  # Groq answers the first call only once the second was refused
+    fake.behaviours["slow"] = Behaviour(hold=gate)
     service = start_service(groq_env(fake, MAX_CONCURRENCY="1"))
     with ThreadPoolExecutor(1) as pool:
         busy = pool.submit(httpx.post, service.url + "/chat", json={"prompt": "hi", "model": "slow"}, timeout=10)
@@ -219,6 +221,7 @@ def test_overload_is_503_with_retry_after(fake: FakeGroq, start_service: Any) ->
             time.sleep(0.01)
         with groq_client(service) as client, pytest.raises(groq.InternalServerError) as caught:
             client.chat.completions.create(messages=MESSAGES, model="m")  # type: ignore[arg-type]
+        gate.set()
         assert busy.result().status_code == 200
     assert caught.value.status_code == 503 and caught.value.response.headers["retry-after"] == "1"
     assert caught.value.response.json()["error"]["code"] == "overloaded"

@@ -290,16 +290,6 @@ def test_off_by_default_the_route_does_not_exist(service: Service) -> None:
     assert service.app.state.service.metrics is None
 
 
-@pytest.mark.parametrize(("metrics", "imported"), [("false", "[]"), ("true", "['metrics', 'prometheus_client']")])
-def test_nothing_of_it_is_imported_unless_asked_for(metrics: str, imported: str) -> None:
-    code = (
-        "import sys, server, app; from config import load_settings; app.create_app(load_settings({'METRICS': "
-        f"{metrics!r}}})); print(sorted({{'metrics', 'prometheus_client'}} & set(sys.modules)))"
-    )
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert result.stdout.strip() == imported, result.stderr
-
-
 def test_missing_package_is_one_start_up_line_naming_the_install_command(tmp_path: Path, start_process: Any) -> None:
     """A venv holding every installed package but prometheus-client (links to this one's)."""
     venv = tmp_path / "venv"

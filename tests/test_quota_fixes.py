@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -16,13 +15,6 @@ from redis_server import RedisServer
 from test_quota import PROMPT, reserved, wait_for
 
 SDK_BODY = {"model": "openai/gpt-oss-20b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    yield server
-    server.stop()
 
 
 def completion_with_usage(prompt_tokens: object) -> bytes:

@@ -14,7 +14,6 @@ from redis_server import RedisServer
 from test_keys import BATCH_TOKEN, GOOD, OPS_TOKEN, keys_file
 from test_metrics import AUTH, KEY_ID, _directory_of, _workers, by, requests, scrape, wait_for
 from test_quota import PROMPT, reserved, usage_tokens
-from test_quota_redis import redis_server  # noqa: F401 - a fixture
 
 GAUGE = "groq_proxy_quota_remaining"
 LABELS = ("key", "limit")
@@ -135,7 +134,7 @@ def test_no_quota_no_series(fake: FakeGroq, start_service: Any) -> None:
 def test_every_worker_shows_the_latest_figure_of_the_shared_quota(
     fake: FakeGroq,
     start_process: Any,
-    redis_server: RedisServer,  # noqa: F811 - the fixture
+    redis_server: RedisServer,
 ) -> None:
     tpd = 1_000_000
     env = groq_env(

@@ -6,6 +6,7 @@ import json
 import random
 import socket
 import struct
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -17,14 +18,21 @@ from fake_groq import Behaviour, FakeGroq
 
 def test_calls_at_capacity_reuse_one_connection_each(fake: FakeGroq, start_service: Any) -> None:
     service = start_service(groq_env(fake, MAX_CONCURRENCY="4"))
-    fake.default = Behaviour(delay=0.2)  # all four calls of a round are in flight together
 
     def chat(_: int) -> int:
         return httpx.post(service.url + "/chat", json={"prompt": "hi"}, timeout=10).status_code
 
     with ThreadPoolExecutor(4) as pool:
-        for _ in range(3):
-            assert list(pool.map(chat, range(4))) == [200] * 4
+        for round_ in range(3):
+            gate = threading.Event()  # Groq answers a round only once all four of its calls are in flight
+            fake.default = Behaviour(hold=gate)
+            calls = pool.map(chat, range(4))
+            deadline = time.monotonic() + 10
+            while len(fake.chat_requests()) < 4 * (round_ + 1):
+                assert time.monotonic() < deadline, "the four calls did not reach Groq together"
+                time.sleep(0.01)
+            gate.set()
+            assert list(calls) == [200] * 4
     fake.default = Behaviour()
     assert [chat(i) for i in range(10)] == [200] * 10
     assert len(fake.chat_requests()) == 22
