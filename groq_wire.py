@@ -20,6 +20,9 @@ import errors
 _TOKEN_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
 
+Delta = tuple[str, str]  # ("reasoning" | "content", text): one piece of a /chat stream
+
+
 @dataclass(frozen=True, slots=True)
 class ChatResult:
     content: str
@@ -142,6 +145,11 @@ def result(data: dict[str, Any]) -> ChatResult:
     except (KeyError, IndexError, TypeError, AttributeError) as exc:
         raise errors.UpstreamError("Groq sent a body that is not a valid chat completion; try again.") from exc
     return ChatResult(content, model, usage(data.get("usage")), finish_reason, reasoning)
+
+
+def chunk_usage(data: dict[str, Any]) -> Any:
+    """The usage a chunk or a body carries: top-level, or in `x_groq` (as Groq puts it on a stream's last chunk)."""
+    return data.get("usage") or (data.get("x_groq") or {}).get("usage")
 
 
 def usage(usage: object) -> dict[str, int] | None:

@@ -21,7 +21,7 @@ import httpx
 import errors
 import groq_wire
 from config import Settings, load_settings
-from groq_wire import ChatResult
+from groq_wire import ChatResult, Delta
 from validation import parse_chat
 
 CHAT_PATH = "/openai/v1/chat/completions"
@@ -29,7 +29,6 @@ MODELS_PATH = "/openai/v1/models"
 _INCLUDE_USAGE = {"include_usage": True}
 _MAX_EVENT_BYTES = 4 * 1024 * 1024  # one SSE event; a stream never needs to buffer more
 Messages = list[dict[str, str]]
-Delta = tuple[str, str]  # ("reasoning" | "content", text)
 
 
 class Upstream:
@@ -171,10 +170,10 @@ class Upstream:
                     if data == "[DONE]":
                         continue
                     final["model"] = data.get("model") or final["model"]
-                    final["usage"] = data.get("usage") or (data.get("x_groq") or {}).get("usage") or final.get("usage")
+                    final["usage"] = groq_wire.chunk_usage(data) or final.get("usage")
                     for choice in data.get("choices") or ():
                         delta = choice.get("delta") or {}
-                        if shows_reasoning and (reasoning := delta.get("reasoning")) and isinstance(reasoning, str):
+                        if shows_reasoning and (reasoning := delta.get("reasoning")):  # text: split_events checked
                             deltas.append(("reasoning", reasoning))
                         if content := delta.get("content"):
                             deltas.append(("content", content))

@@ -16,10 +16,11 @@ from typing import Any
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+import groq_wire
 import lifetimes
 import logging_config
 from errors import ServiceError
-from groq_wire import ChatResult
+from groq_wire import ChatResult, Delta
 from middleware import elapsed_ms
 
 # Set here, not as media_type, so Starlette adds no charset: SSE is always UTF-8.
@@ -113,10 +114,10 @@ class _EventStream(StreamingResponse):
                 await self._close()
 
 
-def chat_encoder(fields: dict[str, Any]) -> Callable[[list[tuple[str, str]] | ChatResult], bytes]:
+def chat_encoder(fields: dict[str, Any]) -> Callable[[list[Delta] | ChatResult], bytes]:
     """/chat events: one `data: {"reasoning" or "content": ...}` per delta, then the metadata and `[DONE]`."""
 
-    def encode(piece: list[tuple[str, str]] | ChatResult) -> bytes:
+    def encode(piece: list[Delta] | ChatResult) -> bytes:
         if isinstance(piece, ChatResult):
             log_result(fields, piece.model, piece.usage, False)
             return b"data: %s\n\ndata: [DONE]\n\n" % json.dumps(piece.answer()).encode()
@@ -145,7 +146,7 @@ def relay_encoder(fields: dict[str, Any], strip_usage: bool = False) -> Callable
 
 
 def note_completion(fields: dict[str, Any], data: dict[str, Any]) -> None:
-    usage = data.get("usage") or (data.get("x_groq") or {}).get("usage")
+    usage = groq_wire.chunk_usage(data)
     if usage:
         log_result(fields, data.get("model"), usage, False)
     if "completion" in fields:
