@@ -30,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Scope
 
+import errors
 from config import Settings
 from middleware import LOG_FIELDS, REQUESTED
 
@@ -43,32 +44,34 @@ _FIRST_TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 # Failures Groq caused, or a bug of ours: not refusals. Every other error type is the service saying no.
 _NOT_REFUSALS = frozenset(
-    {
-        "upstream_rejected",
-        "upstream_auth",
-        "rate_limited",
-        "upstream_busy",
-        "upstream_error",
-        "upstream_unreachable",
-        "upstream_timeout",
-        "internal_error",
-    }
+    e.type
+    for e in (
+        errors.UpstreamRejected,
+        errors.UpstreamAuth,
+        errors.RateLimited,
+        errors.UpstreamBusy,
+        errors.UpstreamError,
+        errors.UpstreamUnreachable,
+        errors.UpstreamTimeout,
+        errors.ServiceError,  # internal_error
+    )
 )
 # Refused before any Groq call (quotas and the concurrency slot come after the body is read): no operation.
 _GROQ_NOT_CALLED = frozenset(
-    {
-        "overloaded",
-        "quota_exceeded",
-        "quota_unavailable",
-        "not_configured",
-        "unauthorized",
-        "invalid_json",
-        "invalid_request",
-        "validation_error",
-        "payload_too_large",
-        "unsupported_media_type",
-        "request_timeout",
-    }
+    e.type
+    for e in (
+        errors.Overloaded,
+        errors.QuotaExceeded,
+        errors.QuotaUnavailable,
+        errors.NotConfigured,
+        errors.Unauthorized,
+        errors.InvalidJSON,
+        errors.InvalidRequest,
+        errors.ValidationError,
+        errors.PayloadTooLarge,
+        errors.UnsupportedMediaType,
+        errors.RequestTimeout,
+    )
 )
 _LEARNED_MODELS = 16
 _GEN_AI = ("chat", "groq")  # gen_ai_operation_name, gen_ai_provider_name

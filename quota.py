@@ -27,10 +27,14 @@ GROQ_ROUTES = frozenset(
 )
 _NAMES = ("", "requests_per_minute", "tokens_per_minute", "tokens_per_day")
 NEVER = -1.0
-_NOT_SENT = frozenset({"overloaded", "not_configured"})  # refused by the service itself: refund everything
+_NOT_SENT = frozenset(
+    e.type for e in (errors.Overloaded, errors.NotConfigured)
+)  # refused by the service itself: refund everything
 # Refused by Groq before any generating (its 401/403, 429, 498) or Groq not reached: charged 0. Any other Groq
 # error (a 400 such as json_validate_failed or tool_use_failed comes after generating) keeps the reservation.
-_NOT_GENERATED = frozenset({"upstream_auth", "rate_limited", "upstream_busy", "upstream_unreachable"})
+_NOT_GENERATED = frozenset(
+    e.type for e in (errors.UpstreamAuth, errors.RateLimited, errors.UpstreamBusy, errors.UpstreamUnreachable)
+)
 _MAX_COUNT = 10_000_000  # a token count from Groq at or above this is not believed
 Remaining = Callable[[str, str, int], None]  # client name, limit name (_NAMES), requests or tokens remaining
 

@@ -41,9 +41,11 @@ FEATURE_MODULES = {  # what each optional feature adds, imported only when it is
 # (framing.py: head limits on every head, early refusals without a reset, no smuggling), resources released
 # however a request ends (lifetimes.py: disconnect watch, write deadline), the shutdown deadline (shutdown.py),
 # configuration that fails closed (env_values.py), reasoning models, and the quota/metrics hooks; the features
-# add quotas (keys, quota, quota_local, quota_redis) and metrics. Raise them again only with the change that needs it.
-DEFAULT_BUDGET = 2950
-TOTAL_BUDGET = 3825
+# add quotas (keys, quota, quota_local, quota_redis) and metrics. The last +10/+15: the review's shared helpers
+# (is_sdk_route, chunk_usage, one refusal envelope) and error-type sets named by their classes instead of strings.
+# Raise them again only with the change that needs it.
+DEFAULT_BUDGET = 2960
+TOTAL_BUDGET = 3840
 ROOT = Path(__file__).resolve().parent.parent
 
 
