@@ -78,8 +78,9 @@ class Store(Protocol):
 
 @dataclass(slots=True)
 class Admission:
-    ticket: Ticket | None = None
+    ticket: Ticket | None = None  # a reservation not settled yet
     headers: list[tuple[bytes, bytes]] | None = None  # None: not admitted (yet), so the gate looks them up
+    settled: Ticket | None = None  # settled, and METRICS is to be told the counts after the answer
 
 
 class Quota:
@@ -145,7 +146,9 @@ class Quota:
         raw = await self._look(client.name, limits) if any(limits) else None
         return [] if raw is None else self._headers(client.name, limits, raw)
 
-    async def settle(self, ticket: Ticket, fields: dict[str, Any]) -> None:
+    async def settle(self, ticket: Ticket, fields: dict[str, Any]) -> bool:
+        """Book Groq's usage (fields' token counts) in place of the reservation; True when the counts changed
+        and METRICS should be told them (`report`)."""
         prompt, completion = fields.get("prompt_tokens"), fields.get("completion_tokens")
         error = fields.get("error")
         tokens = None  # unknown: the reservation stands
@@ -155,10 +158,13 @@ class Quota:
             tokens = 0
         settled = await self.store.settle(ticket, tokens, error in _NOT_SENT)
         fields["charged_tokens"] = tokens if settled and tokens is not None else ticket.cost
-        if self._on_remaining and settled and (error in _NOT_SENT or tokens not in (None, ticket.cost)):
-            raw = await self._look(ticket.client, ticket.limits)  # the counts changed: report them as they are now
-            if raw is not None:
-                _report(self._on_remaining, ticket.client, ticket.limits, raw)
+        return bool(self._on_remaining and settled and (error in _NOT_SENT or tokens not in (None, ticket.cost)))
+
+    async def report(self, ticket: Ticket) -> None:
+        """Tell METRICS the counts as they are now, after a settlement changed them."""
+        raw = await self._look(ticket.client, ticket.limits)
+        if raw is not None and self._on_remaining:
+            _report(self._on_remaining, ticket.client, ticket.limits, raw)
 
     async def _look(self, client: str, limits: Limits) -> Raw | None:
         """The counts as they are, booking nothing; None when the store is down."""
@@ -175,7 +181,9 @@ class Quota:
 
 class QuotaGate:
     """Innermost middleware on the Groq-calling routes: the x-ratelimit-* headers on every answer (a stream's
-    included), and the settlement once the answer is over; shielded, so a cancelled request still pays."""
+    included), and the settlement, written before the piece that carries Groq's usage (or the answer's last
+    piece) goes out, so a client's next request meets it on any replica; when the answer never ends (the
+    client left, the task was cancelled), once the request is over."""
 
     def __init__(self, app: ASGIApp, quota: Quota) -> None:
         self.app = app
@@ -192,14 +200,30 @@ class QuotaGate:
                 if headers is None:
                     headers = await self.quota.peek(scope) if CLIENT in scope else []
                 message["headers"] = [*message.get("headers", ()), *headers]
+            elif admission.ticket is not None and _usage_known(message, scope[LOG_FIELDS]):
+                await self._settle(admission, scope)  # booked before the client can see the usage
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_headers)
         finally:
-            if admission.ticket is not None:
+            await self._settle(admission, scope)  # an answer that did not end (the client left, an error)
+            if admission.settled is not None:
                 with anyio.CancelScope(shield=True):
-                    await self.quota.settle(admission.ticket, scope[LOG_FIELDS])
+                    await self.quota.report(admission.settled)
+
+    async def _settle(self, admission: Admission, scope: Scope) -> None:
+        """Once per admission; shielded, so a cancelled request still pays."""
+        ticket, admission.ticket = admission.ticket, None
+        if ticket is not None:
+            with anyio.CancelScope(shield=True):
+                if await self.quota.settle(ticket, scope[LOG_FIELDS]):
+                    admission.settled = ticket
+
+
+def _usage_known(message: Message, fields: dict[str, Any]) -> bool:
+    """A body piece sent once Groq's usage is in the fields, or the answer's last piece (it never will be)."""
+    return message["type"] == "http.response.body" and (not message.get("more_body") or "completion_tokens" in fields)
 
 
 def _count(value: object) -> TypeGuard[int]:
