@@ -10,7 +10,7 @@ from typing import Any
 from conftest import Service, groq_env
 from fake_groq import API_KEY, Behaviour, FakeGroq
 from redis_server import RedisServer
-from test_quota import PROMPT, concurrent_posts, reserved, usage_tokens
+from test_quota import PROMPT, concurrent_posts, reserved, usage_tokens, wait_for
 
 
 def redis_env(fake: FakeGroq, redis: RedisServer, **overrides: str) -> dict[str, str]:
@@ -196,3 +196,23 @@ def test_idle_connections_to_redis_are_at_most_max_concurrency(
     store = redis_server.client()
     assert int(store.info("stats")["total_connections_received"]) >= 12
     assert len(store.client_list()) - 1 <= 2  # the test's own connection aside
+
+
+def test_a_settlement_redis_refuses_is_logged_and_its_reservation_stands(
+    fake: FakeGroq, start_service: Any, redis_server: RedisServer
+) -> None:
+    fake.default.hold = threading.Event()
+    service = start_service(redis_env(fake, redis_server, QUOTA_TOKENS_PER_MINUTE="100000"))
+    store = redis_server.client()
+    answers: list[Any] = []
+    thread = threading.Thread(target=lambda: answers.append(service.client.post("/chat", json=PROMPT)))
+    thread.start()
+    assert wait_for(lambda: len(fake.chat_requests()) == 1)  # admitted: the reservation is booked
+    store.config_set("maxmemory", "1")  # Redis refuses writes (OOM) from here on: the settlement among them
+    fake.default.hold.set()
+    thread.join(30)
+    assert answers[0].status_code == 200
+    store.config_set("maxmemory", "0")
+    after = service.client.post("/chat", json={})  # its look-up reads the refusal owed on that connection
+    assert after.headers["x-ratelimit-remaining-tokens"] == str(100000 - reserved(PROMPT))
+    assert [line for line in warnings(service, "Redis refused a settlement") if "maxmemory" in line]
