@@ -27,9 +27,7 @@ GROQ_ROUTES = frozenset(
 )
 _NAMES = ("", "requests_per_minute", "tokens_per_minute", "tokens_per_day")
 NEVER = -1.0
-_NOT_SENT = frozenset(
-    e.type for e in (errors.Overloaded, errors.NotConfigured)
-)  # refused by the service itself: refund everything
+_NOT_SENT = frozenset(e.type for e in (errors.Overloaded, errors.NotConfigured))  # the service refused: refund all
 # Refused by Groq before any generating (its 401/403, 429, 498) or Groq not reached: charged 0. Any other Groq
 # error (a 400 such as json_validate_failed or tool_use_failed comes after generating) keeps the reservation.
 _NOT_GENERATED = frozenset(
@@ -70,6 +68,8 @@ class Ticket:
 
 
 class Store(Protocol):
+    """`settle` must book even in a cancelled task: it never waits, or it shields its wait."""
+
     async def admit(self, client: str, limits: Limits, cost: int, commit: bool) -> Raw | None: ...
     async def settle(self, ticket: Ticket, tokens: int | None, refund_request: bool) -> bool: ...
     async def ready(self) -> bool: ...
@@ -89,16 +89,17 @@ class Quota:
     def __init__(self, settings: Settings, store: Store, *, on_remaining: Remaining | None = None) -> None:
         self.store = store
         self._on_remaining = on_remaining
-        self._defaults = (
-            settings.quota_requests_per_minute,
-            settings.quota_tokens_per_minute,
-            settings.quota_tokens_per_day,
-        )
+        limits = (settings.quota_requests_per_minute, settings.quota_tokens_per_minute, settings.quota_tokens_per_day)
+        self._defaults = limits
         self._reserve = settings.quota_default_reserve
+        self._limits: dict[str, Limits] = {}  # by client name: one entry per configured client (and `local`)
 
     def limits(self, client: ServiceKey) -> Limits:
-        own = (client.requests_per_minute, client.tokens_per_minute, client.tokens_per_day)
-        return Limits(*(mine or default or 0 for mine, default in zip(own, self._defaults, strict=True)))
+        if (limits := self._limits.get(client.name)) is None:
+            own = (client.requests_per_minute, client.tokens_per_minute, client.tokens_per_day)
+            limits = Limits(*(mine or default or 0 for mine, default in zip(own, self._defaults, strict=True)))
+            self._limits[client.name] = limits
+        return limits
 
     def gate(self, app: ASGIApp) -> QuotaGate:
         return QuotaGate(app, self)
@@ -147,8 +148,7 @@ class Quota:
         return [] if raw is None else self._headers(client.name, limits, raw)
 
     async def settle(self, ticket: Ticket, fields: dict[str, Any]) -> bool:
-        """Book Groq's usage (fields' token counts) in place of the reservation; True when the counts changed
-        and METRICS should be told them (`report`)."""
+        """Book Groq's usage (fields' token counts) in place of the reservation; True: tell METRICS (`report`)."""
         prompt, completion = fields.get("prompt_tokens"), fields.get("completion_tokens")
         error = fields.get("error")
         tokens = None  # unknown: the reservation stands
@@ -156,6 +156,7 @@ class Quota:
             tokens = prompt + completion
         elif error in _NOT_SENT or error in _NOT_GENERATED:
             tokens = 0
+        fields["charged_tokens"] = ticket.cost  # until the store takes the settlement (a native cancel may come)
         settled = await self.store.settle(ticket, tokens, error in _NOT_SENT)
         fields["charged_tokens"] = tokens if settled and tokens is not None else ticket.cost
         return bool(self._on_remaining and settled and (error in _NOT_SENT or tokens not in (None, ticket.cost)))
@@ -181,9 +182,8 @@ class Quota:
 
 class QuotaGate:
     """Innermost middleware on the Groq-calling routes: the x-ratelimit-* headers on every answer (a stream's
-    included), and the settlement, written before the piece that carries Groq's usage (or the answer's last
-    piece) goes out, so a client's next request meets it on any replica; when the answer never ends (the
-    client left, the task was cancelled), once the request is over."""
+    included), and the settlement before the piece carrying Groq's usage (or the last piece) goes out, so a
+    client's next request meets it on any replica; for an answer that never ends, once the request is over."""
 
     def __init__(self, app: ASGIApp, quota: Quota) -> None:
         self.app = app
@@ -207,18 +207,17 @@ class QuotaGate:
         try:
             await self.app(scope, receive, send_with_headers)
         finally:
-            await self._settle(admission, scope)  # an answer that did not end (the client left, an error)
+            if admission.ticket is not None:  # an answer that did not end (the client left, an error)
+                await self._settle(admission, scope)
             if admission.settled is not None:
                 with anyio.CancelScope(shield=True):
                     await self.quota.report(admission.settled)
 
     async def _settle(self, admission: Admission, scope: Scope) -> None:
-        """Once per admission; shielded, so a cancelled request still pays."""
+        """Once per admission. A cancelled request still pays: the local store never waits, Redis's is shielded."""
         ticket, admission.ticket = admission.ticket, None
-        if ticket is not None:
-            with anyio.CancelScope(shield=True):
-                if await self.quota.settle(ticket, scope[LOG_FIELDS]):
-                    admission.settled = ticket
+        if ticket is not None and await self.quota.settle(ticket, scope[LOG_FIELDS]):
+            admission.settled = ticket
 
 
 def _usage_known(message: Message, fields: dict[str, Any]) -> bool:
@@ -268,17 +267,22 @@ def _report(on_remaining: Remaining, client: str, limits: Limits, raw: Raw) -> N
             on_remaining(client, name, max(0, remaining))
 
 
+_HEADER_NAMES = {
+    k: [b"x-ratelimit-%s-%s" % (f, k) for f in (b"limit", b"remaining", b"reset")] for k in (b"requests", b"tokens")
+}
+
+
 def _kind(kind: bytes, limit: int, remaining: int, reset: float) -> list[tuple[bytes, bytes]]:
-    return [
-        (b"x-ratelimit-limit-" + kind, b"%d" % limit),
-        (b"x-ratelimit-remaining-" + kind, b"%d" % max(0, remaining)),
-        (b"x-ratelimit-reset-" + kind, duration(reset).encode()),
-    ]
+    values = (b"%d" % limit, b"%d" % max(0, remaining), duration(reset).encode())
+    return list(zip(_HEADER_NAMES[kind], values, strict=True))
 
 
 def duration(seconds: float) -> str:
     """As Groq writes its resets: `7.66s`, `2m59.56s`, `1h2m3s`."""
-    hours, rest = divmod(max(0.0, round(seconds, 2)), 3600)
+    seconds = max(0.0, round(seconds, 2))
+    if seconds < 60:
+        return f"{seconds:.2f}".rstrip("0").rstrip(".") + "s"
+    hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     text = f"{secs:.2f}".rstrip("0").rstrip(".") + "s"
     if hours or minutes:

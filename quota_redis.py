@@ -2,18 +2,20 @@
 
 One Lua script per admission and one per settlement, each atomic; a client's keys share one hash tag, so they
 live on one Redis Cluster slot; the time is Redis's `TIME`, not each replica's clock. Every call has the
-REDIS_TIMEOUT deadline; a failure is QUOTA_FAIL_MODE's answer and one warning line per outage, and the next
-call that succeeds ends the outage (redis-py reconnects by itself).
+REDIS_TIMEOUT deadline; a failure is QUOTA_FAIL_MODE's answer and one warning line per outage, which the next
+reply read ends (a connection found closed is replaced by a new one).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio
 import redis.asyncio
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
@@ -27,7 +29,7 @@ from quota import Limits, Raw, Ticket
 logger = logging.getLogger("service")
 
 # ARGV[1]: requests per minute, tokens per minute, tokens per day (0: unlimited), cost, minute and day lengths,
-# 1 to book (0 to look only), in one string (each argument costs redis-py an encoding). Times in microseconds;
+# 1 to book (0 to look only), in one string (one argument to pack). Times in microseconds;
 # a wait of -1 means never (the request alone is over the limit). Returns one string (one reply to parse, not
 # ten): refused limit (0 none, 1 requests, 2 tokens per minute, 3 per day), wait, requests remaining, requests
 # reset, minute used, minute reset, day used, day reset (times in ms), bucket, day.
@@ -121,23 +123,25 @@ return 1
 
 class Shared:
     """The two scripts over a stack of connections of its own (redis-py's `Connection`, without its pool, whose
-    per-command checks, retry wrapper and argument encoding cost more than the exchange itself).
-
-    A settlement is written and not waited for: its reply is read before that connection's next command, so it
-    costs a write instead of a round trip (Redis runs a connection's commands in order, so it is booked before
-    anything sent after it on that connection). bench/run.py's quota rows measure what this saves."""
+    per-command checks, retry wrapper and argument encoding cost more than the exchange itself). A settlement
+    is written and not waited for: its reply is read before that connection's next command, so it costs a write
+    instead of a round trip (Redis runs a connection's commands in order: it is booked before anything sent
+    after it on that connection). bench/run.py's quota rows measure what this saves."""
 
     def __init__(self, settings: Settings) -> None:
         assert settings.redis_url is not None
         timeout = settings.redis_timeout
-        # No socket_timeout: every call runs under asyncio.timeout (redis-py then drops the connection), which
-        # costs no extra task per command as redis-py's own wait_for does on Python 3.11.
+        # No socket_timeout (redis-py's is 5 s, with a task per send): every call runs under asyncio.timeout. No
+        # CLIENT SETINFO, RESP2 (no HELLO): a new connection costs no round trip. The pool only parses the URL.
+        redis_url, no_retry = settings.redis_url, Retry(NoBackoff(), 0)
         pool = redis.asyncio.ConnectionPool.from_url(
-            settings.redis_url, socket_timeout=None, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0)
+            redis_url, socket_timeout=None, socket_connect_timeout=timeout, retry=no_retry, driver_info=None, protocol=2
         )
         self._connection_class, self._connection_kwargs = pool.connection_class, pool.connection_kwargs
         self._idle: list[_Line] = []  # last in, first out: one busy connection stays warm
-        self._keep = settings.max_concurrency  # idle connections kept after a burst; any more are closed
+        self._lines: set[_Line] = set()  # every connection open, idle or in use, for aclose
+        self._in_use = asyncio.Semaphore(settings.max_concurrency)  # so at most that many connections are open
+        self._closed = False
         self._timeout = timeout
         self._open = settings.quota_fail_mode == "open"
         self._minute = round(settings.quota_minute * 1e6)
@@ -154,22 +158,27 @@ class Shared:
         return raw
 
     async def settle(self, ticket: Ticket, tokens: int | None, refund_request: bool) -> bool:
-        """False when Redis could not be given it: the reservation stands."""
+        """False when it could not be written: the reservation stands. Redis's reply comes later (an error such
+        as OOM is then a warning line)."""
         rpm, tpm, tpd = ticket.limits
         back = self._minute // rpm if refund_request and rpm else 0
         delta = 0 if tokens is None or not (tpm or tpd) else tokens - ticket.cost
         if not delta and not back:
             return True
         command = _pack(b"EVAL", _SETTLE_BYTES, b"3", *_keys(ticket.client), delta, ticket.bucket, ticket.day, back)
-        return await self._call(lambda: self._exchange(command, wait=False)) is not None
+        with anyio.CancelScope(shield=True):  # a cancelled request still pays
+            written = await self._call(lambda: self._exchange(command, wait=False), confirms=False)
+        return written is not None
 
     async def ready(self) -> bool:
         return self._open or await self._call(lambda: self._exchange(_PING, wait=True)) is not None
 
     async def aclose(self) -> None:
-        lines, self._idle = self._idle, []
+        """Close every connection, those in use too; a call still running then fails like Redis gone."""
+        self._closed = True
+        lines, self._idle = list(self._lines), []
         for line in lines:
-            await line.connection.disconnect(nowait=True)
+            await _drop(line, self._lines)
 
     async def _admit(self, keys: list[bytes], args: str) -> Raw:
         try:
@@ -181,37 +190,61 @@ class Shared:
     async def _exchange(self, command: bytes, *, wait: bool) -> bytes:
         """Send on an idle connection, or on a new one when none is idle or Redis closed the idle one; read
         this command's reply when `wait`, else leave it owed (a settlement)."""
-        line = self._idle.pop() if self._idle else None
-        if line is None or not await _usable(line, wait):
-            line = _Line(self._connection_class(**self._connection_kwargs))
-        connection = line.connection
-        try:
-            await connection.send_packed_command(command, check_health=False)
-            reply = await _read(connection) if wait else b""
-        except BaseException:
-            await connection.disconnect(nowait=True)
-            raise
-        line.unread += not wait
-        if len(self._idle) < self._keep:
-            self._idle.append(line)  # in step: every reply is read or counted as owed
-        else:
-            await connection.disconnect(nowait=True)  # a settlement written is still sent first
+        async with self._in_use:
+            line = self._idle.pop() if self._idle else None
+            if line is not None and not await self._usable(line):
+                line = None
+            if line is None:
+                line = _Line(self._connection_class(**self._connection_kwargs))
+                self._lines.add(line)
+            try:
+                await line.connection.send_packed_command(command, check_health=False)
+                reply = await _read(line.connection) if wait else b""
+            except BaseException:
+                await _drop(line, self._lines)
+                raise
+            line.unread += not wait
+            if self._closed:
+                await _drop(line, self._lines)
+            else:
+                self._idle.append(line)  # in step: every reply is read or counted as owed
         if isinstance(reply, ResponseError):
             raise reply
         return reply
 
-    async def _call(self, call: Callable[[], Awaitable[Any]]) -> Any:
-        """The call's result, or None when Redis is down, slow or sends a reply it cannot read (ValueError)."""
+    async def _usable(self, line: _Line) -> bool:
+        """Read the settlement replies owed on an idle connection; False (and it is closed) when Redis closed
+        it (it restarted, or drops idle clients) or it is out of step, so the command goes on a new one."""
+        connection, owed = line.connection, line.unread
+        try:
+            while line.unread:
+                line.unread -= 1
+                if isinstance(settled := await _read(connection), ResponseError):
+                    logger.warning("Redis refused a settlement (%s): its reservation stands", settled)
+            if not await connection.can_read():  # True at EOF, or with a reply nobody asked for
+                return True
+        except (RedisError, OSError, ValueError):
+            pass
+        except BaseException:
+            await _drop(line, self._lines)
+            raise
+        if line.unread:
+            logger.warning("Redis closed a connection with %d of %d settlements unanswered", line.unread, owed)
+        await _drop(line, self._lines)
+        return False
+
+    async def _call(self, call: Callable[[], Awaitable[Any]], *, confirms: bool = True) -> Any:
+        """The result; None when Redis is down, slow or unreadable. Only a reply read (`confirms`) ends an outage."""
         try:
             async with asyncio.timeout(self._timeout):
                 result = await call()
         except (RedisError, OSError, TimeoutError, ValueError) as exc:
-            if not self._down:
+            if not self._down and not self._closed:
                 self._down = True
                 then = "requests pass uncounted" if self._open else "Groq-calling routes answer 503 quota_unavailable"
                 logger.warning("Redis is unreachable (%s): %s until it is back", type(exc).__name__, then)
             return None
-        if self._down:
+        if self._down and confirms:
             self._down = False
             logger.warning("Redis is reachable again: requests are counted")
         return result
@@ -225,27 +258,10 @@ class _Line:
         self.unread = 0  # settlement replies not read yet
 
 
-async def _usable(line: _Line, wait: bool) -> bool:
-    """Whether an idle connection can take the next command. A settlement after one still owed is queued
-    behind it, nothing read. Otherwise the replies owed are read, and a connection Redis closed (it
-    restarted, or drops idle clients) is closed too, so the command goes on a new one."""
-    if line.unread and not wait:
-        return True
-    connection = line.connection
-    try:
-        for _ in range(line.unread):
-            if isinstance(settled := await _read(connection), ResponseError):
-                logger.warning("Redis refused a settlement (%s): its reservation stands", settled)
-        line.unread = 0
-        if not await connection.can_read():  # True at EOF, or with a reply nobody asked for
-            return True
-    except (redis.exceptions.ConnectionError, OSError):
-        pass
-    except BaseException:
-        await connection.disconnect(nowait=True)
-        raise
-    await connection.disconnect(nowait=True)
-    return False
+async def _drop(line: _Line, lines: set[_Line]) -> None:
+    lines.discard(line)
+    with contextlib.suppress(Exception):
+        await line.connection.disconnect(nowait=True)
 
 
 async def _read(connection: AbstractConnection) -> bytes | ResponseError:
@@ -271,8 +287,10 @@ _ADMIT_SHA = hashlib.sha1(_ADMIT_BYTES, usedforsecurity=False).hexdigest().encod
 _PING = _pack(b"PING")
 
 
-def _raw(reply: bytes) -> Raw:
+def _raw(reply: object) -> Raw:
     """The admission script's reply: ten whole numbers, else ValueError (`inf`, `1e+15`, too few or too many)."""
+    if not isinstance(reply, bytes):
+        raise ValueError(f"the admission script answered {type(reply).__name__}")
     refused, wait, left, reset, minute_used, minute_reset, day_used, day_reset, bucket, day = map(int, reply.split())
     s = [x / 1000 if x >= 0 else -1.0 for x in (wait, reset, minute_reset, day_reset)]
     return Raw(refused, s[0], left, s[1], minute_used, s[2], day_used, s[3], bucket, day)
