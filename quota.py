@@ -200,7 +200,7 @@ class QuotaGate:
                 if headers is None:
                     headers = await self.quota.peek(scope) if CLIENT in scope else []
                 message["headers"] = [*message.get("headers", ()), *headers]
-            elif admission.ticket is not None and _usage_known(message, scope[LOG_FIELDS]):
+            if admission.ticket is not None and _usage_known(message, scope[LOG_FIELDS]):
                 await self._settle(admission, scope)  # booked before the client can see the usage
             await send(message)
 
@@ -221,8 +221,8 @@ class QuotaGate:
 
 
 def _usage_known(message: Message, fields: dict[str, Any]) -> bool:
-    """A body piece sent once Groq's usage is in the fields, or the answer's last piece (it never will be)."""
-    return message["type"] == "http.response.body" and (not message.get("more_body") or "completion_tokens" in fields)
+    """Groq's usage is in the fields (as early as the answer's head), or this is the answer's last piece."""
+    return "completion_tokens" in fields or (message["type"] == "http.response.body" and not message.get("more_body"))
 
 
 def _count(value: object) -> TypeGuard[int]:

@@ -80,14 +80,14 @@ def start_fake(python: str, chunks: int) -> tuple[subprocess.Popen[str], str]:
 
 
 def start_service(
-    python: str, fake_url: str, workers: int, max_concurrency: int = 64
+    python: str, fake_url: str, workers: int, max_concurrency: int = 64, command: tuple[str, ...] = ("app.py",)
 ) -> tuple[subprocess.Popen[bytes], str, float]:
     port = free_port()
     env = {**os.environ, "GROQ_API_KEY": KEY, "GROQ_BASE_URL": fake_url, "PORT": str(port), "WORKERS": str(workers)}
     env["MAX_CONCURRENCY"] = str(max_concurrency)
     cores = "0" if workers == 1 else "0,1"
     started = time.perf_counter()
-    proc = subprocess.Popen([*pinned(cores), python, "app.py"], cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*pinned(cores), python, *command], cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     while True:
         try:
@@ -436,7 +436,7 @@ def quota_overhead(python: str, fake_url: str, seconds: float, wrk: bool) -> dic
         "local": QUOTAS,
         **({"redis": {**QUOTAS, "REDIS_URL": f"redis://127.0.0.1:{port}/0"}} if redis else {}),
     }
-    services = {name: _start_with(python, fake_url, env) for name, env in configs.items()}
+    services = {name: start_with(python, fake_url, env) for name, env in configs.items()}
     spent = dict.fromkeys(services, 0.0)
     done = dict.fromkeys(services, 0.0)
     try:
@@ -459,11 +459,13 @@ def quota_overhead(python: str, fake_url: str, seconds: float, wrk: bool) -> dic
     return {"quota_local_ratio": per_call["local"] / per_call["base"], "quota_redis_ratio": redis_ratio}
 
 
-def _start_with(python: str, fake_url: str, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+def start_with(
+    python: str, fake_url: str, env: dict[str, str], command: tuple[str, ...] = ("app.py",)
+) -> tuple[subprocess.Popen[bytes], str]:
     saved = dict(os.environ)
     os.environ.update(env)
     try:
-        service, url, _ = start_service(python, fake_url, 1)
+        service, url, _ = start_service(python, fake_url, 1, command=command)
     finally:
         os.environ.clear()
         os.environ.update(saved)

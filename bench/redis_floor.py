@@ -1,0 +1,106 @@
+"""What one Redis round trip per request costs the service, whatever the quota code does around it.
+
+    python bench/redis_floor.py             # 8 turns of 2 s per service, c=1, medians
+
+Four services side by side on core 0, measured in turns (the same fake Groq, wrk and redis-server on core 1):
+no quota; the quota in Redis as built; the same without its settlements (what a settlement costs); and the
+floor: each admission replaced by one bare `PING` over a raw asyncio socket and no settlement (no Lua, no
+redis-py in the request path). Each is printed as CPU per /chat and as a ratio to the first. The floor is what
+any quota that asks Redis once per request pays on this machine: it bounds bench/run.py's quota row from below.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run  # bench/run.py: the fake, the load generator, the CPU counters
+
+FLOOR = """
+import asyncio, os, runpy, sys
+import quota_redis
+from quota import Raw
+
+class Ping(asyncio.Protocol):
+    waiter = None
+    def data_received(self, data):
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(data)
+
+async def admit(self, client, limits, cost, commit):
+    if not hasattr(self, "ping"):
+        port = int(os.environ["REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
+        self.ping = await asyncio.get_running_loop().create_connection(Ping, "127.0.0.1", port)
+    transport, protocol = self.ping
+    protocol.waiter = asyncio.get_running_loop().create_future()
+    transport.write(b"PING\\r\\n")
+    await protocol.waiter
+    return Raw(0, 0.0, 10**6, 0.0, 0, 0.0, 0, 0.0, 0, 0)
+
+async def settle(self, ticket, tokens, refund_request):
+    return True
+
+quota_redis.Shared.admit, quota_redis.Shared.settle = admit, settle
+sys.argv = ["app.py"]
+runpy.run_path("app.py", run_name="__main__")
+"""
+
+
+NO_SETTLEMENT = """
+import runpy, sys
+import quota_redis
+
+async def settle(self, ticket, tokens, refund_request):
+    return True
+
+quota_redis.Shared.settle = settle
+sys.argv = ["app.py"]
+runpy.run_path("app.py", run_name="__main__")
+"""
+
+
+def main() -> None:
+    python, turns, seconds = sys.executable, 8, 2
+    wrk = shutil.which("wrk") is not None
+    redis_server = shutil.which("redis-server")
+    assert redis_server, "redis-server is missing: apt-get install -y redis-server"
+    fake, fake_url = run.start_fake(python, 50)
+    redis_port = run.free_port()
+    redis = subprocess.Popen(
+        [*run.pinned("1"), redis_server, "--port", str(redis_port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    quota = {**run.QUOTAS, "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}
+    services = {
+        "no quota": run.start_with(python, fake_url, {}),
+        "quota in Redis": run.start_with(python, fake_url, quota),
+        "without settlements": run.start_with(python, fake_url, quota, ("-c", NO_SETTLEMENT)),
+        "floor: one raw PING": run.start_with(python, fake_url, quota, ("-c", FLOOR)),
+    }
+    per_call: dict[str, list[float]] = {name: [] for name in services}
+    try:
+        for _, url in services.values():
+            run.load(url, "/chat", run.CHAT, 1, 1, wrk=wrk)  # warm-up
+        for _ in range(turns):
+            for name, (proc, url) in services.items():
+                cpu = run.cpu_seconds(proc.pid)
+                done = run.load(url, "/chat", run.CHAT, 1, seconds, wrk=wrk)["ok"]
+                per_call[name].append((run.cpu_seconds(proc.pid) - cpu) / done * 1e6)
+    finally:
+        for proc, _ in services.values():
+            proc.terminate()
+            proc.wait(30)
+        redis.terminate()
+        fake.terminate()
+    base = statistics.median(per_call["no quota"])
+    for name, values in per_call.items():
+        median = statistics.median(values)
+        print(f"{name:22s} {median:6.0f} µs CPU per /chat   ÷ no quota {median / base:.3f}")
+
+
+if __name__ == "__main__":
+    main()
