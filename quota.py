@@ -67,9 +67,7 @@ class Ticket:
     day: int
 
 
-class Store(Protocol):
-    """`settle` must book even in a cancelled task: it never waits, or it shields its wait."""
-
+class Store(Protocol):  # `settle` must book even in a cancelled task: it never waits, or it shields its wait
     async def admit(self, client: str, limits: Limits, cost: int, commit: bool) -> Raw | None: ...
     async def settle(self, ticket: Ticket, tokens: int | None, refund_request: bool) -> bool: ...
     async def ready(self) -> bool: ...
@@ -222,7 +220,8 @@ class QuotaGate:
 
 def _usage_known(message: Message, fields: dict[str, Any]) -> bool:
     """Groq's usage is in the fields (as early as the answer's head), or this is the answer's last piece."""
-    return "completion_tokens" in fields or (message["type"] == "http.response.body" and not message.get("more_body"))
+    counted = _count(fields.get("prompt_tokens")) and _count(fields.get("completion_tokens"))
+    return counted or (message["type"] == "http.response.body" and not message.get("more_body"))
 
 
 def _count(value: object) -> TypeGuard[int]:

@@ -28,11 +28,10 @@ from quota import Limits, Raw, Ticket
 
 logger = logging.getLogger("service")
 
-# ARGV[1]: requests per minute, tokens per minute, tokens per day (0: unlimited), cost, minute and day lengths,
-# 1 to book (0 to look only), in one string (one argument to pack). Times in microseconds;
-# a wait of -1 means never (the request alone is over the limit). Returns one string (one reply to parse, not
-# ten): refused limit (0 none, 1 requests, 2 tokens per minute, 3 per day), wait, requests remaining, requests
-# reset, minute used, minute reset, day used, day reset (times in ms), bucket, day.
+# ARGV[1], one string: requests per minute, tokens per minute, tokens per day (0: unlimited), cost, minute and day
+# lengths (µs), 1 to book (0 to look only). Returns one string: refused limit (0 none, 1 requests, 2 tokens per
+# minute, 3 per day), wait (-1: never, the request alone is over the limit), requests remaining, requests reset,
+# minute used, minute reset, day used, day reset (times in ms), bucket, day.
 _ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -132,7 +131,7 @@ class Shared:
         assert settings.redis_url is not None
         timeout = settings.redis_timeout
         # No socket_timeout (redis-py's is 5 s, with a task per send): every call runs under asyncio.timeout. No
-        # CLIENT SETINFO, RESP2 (no HELLO): a new connection costs no round trip. The pool only parses the URL.
+        # CLIENT SETINFO, RESP2 (no HELLO): a new connection costs no round trip beyond the URL's AUTH/SELECT.
         redis_url, no_retry = settings.redis_url, Retry(NoBackoff(), 0)
         pool = redis.asyncio.ConnectionPool.from_url(
             redis_url, socket_timeout=None, socket_connect_timeout=timeout, retry=no_retry, driver_info=None, protocol=2
@@ -140,7 +139,7 @@ class Shared:
         self._connection_class, self._connection_kwargs = pool.connection_class, pool.connection_kwargs
         self._idle: list[_Line] = []  # last in, first out: one busy connection stays warm
         self._lines: set[_Line] = set()  # every connection open, idle or in use, for aclose
-        self._in_use = asyncio.Semaphore(settings.max_concurrency)  # so at most that many connections are open
+        self._in_use = asyncio.Semaphore(min(settings.max_concurrency, 64))  # so at most that many are open
         self._closed = False
         self._timeout = timeout
         self._open = settings.quota_fail_mode == "open"
@@ -158,8 +157,7 @@ class Shared:
         return raw
 
     async def settle(self, ticket: Ticket, tokens: int | None, refund_request: bool) -> bool:
-        """False when it could not be written: the reservation stands. Redis's reply comes later (an error such
-        as OOM is then a warning line)."""
+        """False when it could not be written: the reservation stands. Redis's reply (an OOM: a warning) comes later."""
         rpm, tpm, tpd = ticket.limits
         back = self._minute // rpm if refund_request and rpm else 0
         delta = 0 if tokens is None or not (tpm or tpd) else tokens - ticket.cost
@@ -191,6 +189,8 @@ class Shared:
         """Send on an idle connection, or on a new one when none is idle or Redis closed the idle one; read
         this command's reply when `wait`, else leave it owed (a settlement)."""
         async with self._in_use:
+            if self._closed:  # shutting down: no new connection
+                raise redis.exceptions.ConnectionError("the quota store is closed")
             line = self._idle.pop() if self._idle else None
             if line is not None and not await self._usable(line):
                 line = None
@@ -213,15 +213,15 @@ class Shared:
         return reply
 
     async def _usable(self, line: _Line) -> bool:
-        """Read the settlement replies owed on an idle connection; False (and it is closed) when Redis closed
-        it (it restarted, or drops idle clients) or it is out of step, so the command goes on a new one."""
-        connection, owed = line.connection, line.unread
+        """Read the settlement replies owed on an idle connection; False (and it is closed) when Redis closed it
+        (a restart, CLIENT KILL, its idle timeout) or it is out of step: the command then goes on a new one."""
+        connection = line.connection
         try:
-            while line.unread:
-                line.unread -= 1
+            while line.unread and connection.is_connected:
                 if isinstance(settled := await _read(connection), ResponseError):
                     logger.warning("Redis refused a settlement (%s): its reservation stands", settled)
-            if not await connection.can_read():  # True at EOF, or with a reply nobody asked for
+                line.unread -= 1
+            if connection.is_connected and not await connection.can_read():  # True at EOF or with stray data
                 return True
         except (RedisError, OSError, ValueError):
             pass
@@ -229,7 +229,7 @@ class Shared:
             await _drop(line, self._lines)
             raise
         if line.unread:
-            logger.warning("Redis closed a connection with %d of %d settlements unanswered", line.unread, owed)
+            logger.warning("Redis closed a connection with %d settlements unanswered (maybe lost)", line.unread)
         await _drop(line, self._lines)
         return False
 

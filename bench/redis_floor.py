@@ -12,10 +12,13 @@ any quota that asks Redis once per request pays on this machine: it bounds bench
 from __future__ import annotations
 
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run  # bench/run.py: the fake, the load generator, the CPU counters
@@ -68,38 +71,52 @@ def main() -> None:
     wrk = shutil.which("wrk") is not None
     redis_server = shutil.which("redis-server")
     assert redis_server, "redis-server is missing: apt-get install -y redis-server"
-    fake, fake_url = run.start_fake(python, 50)
     redis_port = run.free_port()
-    redis = subprocess.Popen(
-        [*run.pinned("1"), redis_server, "--port", str(redis_port), "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
     quota = {**run.QUOTAS, "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}
-    services = {
-        "no quota": run.start_with(python, fake_url, {}),
-        "quota in Redis": run.start_with(python, fake_url, quota),
-        "without settlements": run.start_with(python, fake_url, quota, ("-c", NO_SETTLEMENT)),
-        "floor: one raw PING": run.start_with(python, fake_url, quota, ("-c", FLOOR)),
+    launchers = {
+        "no quota": ({}, ("app.py",)),
+        "quota in Redis": (quota, ("app.py",)),
+        "without settlements": (quota, ("-c", NO_SETTLEMENT)),
+        "floor: one raw PING": (quota, ("-c", FLOOR)),
     }
-    per_call: dict[str, list[float]] = {name: [] for name in services}
+    command = [*run.pinned("1"), redis_server, "--port", str(redis_port), "--save", "", "--appendonly", "no"]
+    redis = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    fake, fake_url = run.start_fake(python, 50)
+    services: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+    per_call: dict[str, list[float]] = {name: [] for name in launchers}
     try:
-        for _, url in services.values():
-            run.load(url, "/chat", run.CHAT, 1, 1, wrk=wrk)  # warm-up
+        _wait_for_redis(redis_port)
+        for name, (env, args) in launchers.items():
+            services[name] = run.start_with(python, fake_url, env, args)
+            run.load(services[name][1], "/chat", run.CHAT, 1, 1, wrk=wrk)  # warm-up
         for _ in range(turns):
             for name, (proc, url) in services.items():
                 cpu = run.cpu_seconds(proc.pid)
                 done = run.load(url, "/chat", run.CHAT, 1, seconds, wrk=wrk)["ok"]
+                assert done, f"{name}: no request answered 200"
                 per_call[name].append((run.cpu_seconds(proc.pid) - cpu) / done * 1e6)
     finally:
-        for proc, _ in services.values():
+        processes: list[subprocess.Popen[Any]] = [*(service for service, _ in services.values()), redis, fake]
+        for proc in processes:
             proc.terminate()
             proc.wait(30)
-        redis.terminate()
-        fake.terminate()
     base = statistics.median(per_call["no quota"])
     for name, values in per_call.items():
         median = statistics.median(values)
         print(f"{name:22s} {median:6.0f} µs CPU per /chat   ÷ no quota {median / base:.3f}")
+
+
+def _wait_for_redis(port: int) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return
+        except OSError:
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.02)
 
 
 if __name__ == "__main__":

@@ -243,3 +243,25 @@ def test_a_settlement_written_during_an_outage_does_not_end_it(
     redis_server.resume()
     assert service.client.post("/chat", json=PROMPT).status_code == 200
     assert outage_lines() == [unreachable, "Redis is reachable again: requests are counted"]
+
+
+def test_a_settlement_lost_with_its_connection_is_a_warning(
+    fake: FakeGroq, start_service: Any, redis_server: RedisServer
+) -> None:
+    fake.default.hold = threading.Event()
+    service = start_service(redis_env(fake, redis_server, QUOTA_TOKENS_PER_MINUTE="100000"))
+    held: list[Any] = []
+    thread = threading.Thread(target=lambda: held.append(service.client.post("/chat", json=PROMPT)))
+    thread.start()
+    assert wait_for(lambda: len(fake.chat_requests()) == 1)  # admitted, its answer held
+    redis_server.pause()
+    fake.default.hold.set()
+    thread.join(30)
+    assert held[0].status_code == 200  # its settlement was written into the hung Redis's socket, unanswered
+    redis_server.kill()
+    redis_server.start()
+    answer = service.client.post("/chat", json=PROMPT)
+    assert answer.status_code == 200  # on a new connection, with no outage
+    assert answer.headers["x-ratelimit-remaining-tokens"] == str(100000 - reserved(PROMPT))
+    assert warnings(service, "Redis closed a connection with 1 settlements unanswered (maybe lost)")
+    assert not warnings(service, "Redis is unreachable")
