@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from conftest import Service, groq_env
@@ -198,20 +199,32 @@ def test_connections_to_redis_are_at_most_max_concurrency(
     assert not warnings(service, "Redis is unreachable")
 
 
-def test_a_settlement_redis_refuses_is_logged_and_its_reservation_stands(
-    fake: FakeGroq, start_service: Any, redis_server: RedisServer
-) -> None:
+def one_held(fake: FakeGroq, start_service: Any, redis: RedisServer) -> tuple[Service, Callable[[], Any]]:
+    """A service with a token quota in Redis and one request admitted (its reservation booked) whose answer the
+    fake holds; the function returned lets the answer go and returns it."""
     fake.default.hold = threading.Event()
-    service = start_service(redis_env(fake, redis_server, QUOTA_TOKENS_PER_MINUTE="100000"))
-    store = redis_server.client()
+    service = start_service(redis_env(fake, redis, QUOTA_TOKENS_PER_MINUTE="100000"))
     answers: list[Any] = []
     thread = threading.Thread(target=lambda: answers.append(service.client.post("/chat", json=PROMPT)))
     thread.start()
-    assert wait_for(lambda: len(fake.chat_requests()) == 1)  # admitted: the reservation is booked
+    assert wait_for(lambda: len(fake.chat_requests()) == 1)
+
+    def answer() -> Any:
+        assert fake.default.hold is not None
+        fake.default.hold.set()
+        thread.join(30)
+        return answers[0]
+
+    return service, answer
+
+
+def test_a_settlement_redis_refuses_is_logged_and_its_reservation_stands(
+    fake: FakeGroq, start_service: Any, redis_server: RedisServer
+) -> None:
+    service, answer = one_held(fake, start_service, redis_server)
+    store = redis_server.client()
     store.config_set("maxmemory", "1")  # Redis refuses writes (OOM) from here on: the settlement among them
-    fake.default.hold.set()
-    thread.join(30)
-    assert answers[0].status_code == 200
+    assert answer().status_code == 200
     assert service.access_lines(1)[0]["charged_tokens"] == usage_tokens(fake)  # what was sent: the refusal is later
     store.config_set("maxmemory", "0")
     after = service.client.post("/chat", json={})  # its look-up reads the refusal owed on that connection
@@ -222,17 +235,10 @@ def test_a_settlement_redis_refuses_is_logged_and_its_reservation_stands(
 def test_a_settlement_written_during_an_outage_does_not_end_it(
     fake: FakeGroq, start_service: Any, redis_server: RedisServer
 ) -> None:
-    fake.default.hold = threading.Event()
-    service = start_service(redis_env(fake, redis_server, QUOTA_TOKENS_PER_MINUTE="100000"))
-    held: list[Any] = []
-    thread = threading.Thread(target=lambda: held.append(service.client.post("/chat", json=PROMPT)))
-    thread.start()
-    assert wait_for(lambda: len(fake.chat_requests()) == 1)  # admitted, its answer held
+    service, answer = one_held(fake, start_service, redis_server)
     redis_server.pause()
     assert service.client.post("/chat", json=PROMPT).status_code == 503  # the outage begins
-    fake.default.hold.set()
-    thread.join(30)
-    assert held[0].status_code == 200  # its settlement was written into the hung Redis's socket before that
+    assert answer().status_code == 200  # its settlement was written into the hung Redis's socket before that
 
     def outage_lines() -> list[str]:
         return [line["msg"] for line in service.log_lines() if line["msg"].startswith("Redis is")]
@@ -248,20 +254,13 @@ def test_a_settlement_written_during_an_outage_does_not_end_it(
 def test_a_settlement_lost_with_its_connection_is_a_warning(
     fake: FakeGroq, start_service: Any, redis_server: RedisServer
 ) -> None:
-    fake.default.hold = threading.Event()
-    service = start_service(redis_env(fake, redis_server, QUOTA_TOKENS_PER_MINUTE="100000"))
-    held: list[Any] = []
-    thread = threading.Thread(target=lambda: held.append(service.client.post("/chat", json=PROMPT)))
-    thread.start()
-    assert wait_for(lambda: len(fake.chat_requests()) == 1)  # admitted, its answer held
+    service, answer = one_held(fake, start_service, redis_server)
     redis_server.pause()
-    fake.default.hold.set()
-    thread.join(30)
-    assert held[0].status_code == 200  # its settlement was written into the hung Redis's socket, unanswered
+    assert answer().status_code == 200  # its settlement was written into the hung Redis's socket, unanswered
     redis_server.kill()
     redis_server.start()
-    answer = service.client.post("/chat", json=PROMPT)
-    assert answer.status_code == 200  # on a new connection, with no outage
-    assert answer.headers["x-ratelimit-remaining-tokens"] == str(100000 - reserved(PROMPT))
+    after = service.client.post("/chat", json=PROMPT)
+    assert after.status_code == 200  # on a new connection, with no outage
+    assert after.headers["x-ratelimit-remaining-tokens"] == str(100000 - reserved(PROMPT))
     assert warnings(service, "Redis closed a connection with 1 settlements unanswered (maybe lost)")
     assert not warnings(service, "Redis is unreachable")
