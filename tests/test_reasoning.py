@@ -299,7 +299,11 @@ def test_a_stream_starts_at_groqs_first_chunk_not_its_first_content(
 def test_a_client_leaving_while_the_model_thinks_closes_the_upstream_at_once(service: Service, fake: FakeGroq) -> None:
     fake.default = Behaviour(reasoning=REASONING, chunks=2, content_delay=10)
     with service.client.stream("POST", "/chat", json={"prompt": "x", "stream": True, "include_reasoning": True}) as r:
-        assert next(line for line in r.iter_lines() if line) == 'data: {"reasoning": "The "}'
+        lines = (line for line in r.iter_lines() if line)
+        assert next(lines) == 'data: {"reasoning": "The "}'
+        reasoning = "The "
+        while reasoning != REASONING:  # all of it: the fake is now holding the answer, as a model still thinking
+            reasoning += json.loads(next(lines)[6:])["reasoning"]
         closed_at = time.monotonic()
     assert fake.stream_ended.wait(5)
     [(how, ended_at)] = fake.stream_ends
