@@ -81,7 +81,7 @@ def return_freed_memory() -> None:
     twice that may stay unreturned at the heap top), so one burst of 1 MiB bodies, each parsed into ~10 MiB of
     objects, left RSS tens of MB higher for good; with fixed thresholds, blocks over 512 KiB go back when freed,
     and at most 1 MiB stays at the heap top. Not lower: asyncio reads each socket into a 256 KiB buffer, which
-    would then cost an mmap, a page fault and an munmap on every read (6% of the CPU per /chat, bench/run.py)."""
+    would then cost an mmap, a page fault and an munmap on every read (6-9% of the CPU per /chat, bench/run.py)."""
     with contextlib.suppress(OSError, AttributeError, TypeError):  # not glibc: nothing to do
         libc = ctypes.CDLL(None)
         libc.mallopt(-1, 1024 * 1024)  # M_TRIM_THRESHOLD

@@ -180,8 +180,8 @@ class Quota:
 
 class QuotaGate:
     """Innermost middleware on the Groq-calling routes: the x-ratelimit-* headers on every answer (a stream's
-    included), and the settlement before the piece carrying Groq's usage (or the last piece) goes out, so a
-    client's next request meets it on any replica; for an answer that never ends, once the request is over."""
+    included), and the settlement before the piece carrying Groq's usage (or the last piece) goes out, so the
+    client's next request normally meets it; for an answer that never ends, once the request is over."""
 
     def __init__(self, app: ASGIApp, quota: Quota) -> None:
         self.app = app
