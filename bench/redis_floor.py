@@ -23,11 +23,21 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run  # bench/run.py: the fake, the load generator, the CPU counters
 
-FLOOR = """
+NO_SETTLEMENT = """
 import asyncio, os, runpy, sys
 import quota_redis
 from quota import Raw
 
+async def settle(self, ticket, tokens, refund_request):
+    return True
+
+quota_redis.Shared.settle = settle
+"""
+RUN_APP = """
+sys.argv = ["app.py"]
+runpy.run_path("app.py", run_name="__main__")
+"""
+FLOOR = """
 class Ping(asyncio.Protocol):
     waiter = None
     def data_received(self, data):
@@ -44,25 +54,7 @@ async def admit(self, client, limits, cost, commit):
     await protocol.waiter
     return Raw(0, 0.0, 10**6, 0.0, 0, 0.0, 0, 0.0, 0, 0)
 
-async def settle(self, ticket, tokens, refund_request):
-    return True
-
-quota_redis.Shared.admit, quota_redis.Shared.settle = admit, settle
-sys.argv = ["app.py"]
-runpy.run_path("app.py", run_name="__main__")
-"""
-
-
-NO_SETTLEMENT = """
-import runpy, sys
-import quota_redis
-
-async def settle(self, ticket, tokens, refund_request):
-    return True
-
-quota_redis.Shared.settle = settle
-sys.argv = ["app.py"]
-runpy.run_path("app.py", run_name="__main__")
+quota_redis.Shared.admit = admit
 """
 
 
@@ -76,8 +68,8 @@ def main() -> None:
     launchers = {
         "no quota": ({}, ("app.py",)),
         "quota in Redis": (quota, ("app.py",)),
-        "without settlements": (quota, ("-c", NO_SETTLEMENT)),
-        "floor: one raw PING": (quota, ("-c", FLOOR)),
+        "without settlements": (quota, ("-c", NO_SETTLEMENT + RUN_APP)),
+        "floor: one raw PING": (quota, ("-c", NO_SETTLEMENT + FLOOR + RUN_APP)),
     }
     command = [*run.pinned("1"), redis_server, "--port", str(redis_port), "--save", "", "--appendonly", "no"]
     redis = subprocess.Popen(command, stdout=subprocess.DEVNULL)
