@@ -36,7 +36,7 @@ RUN set -eu; \
             *) echo "build argument WITH_$name must be true or false" >&2; exit 1 ;; \
         esac; \
     done; \
-    pip install --require-hashes --no-cache-dir -r /tmp/requirements/install.txt; \
+    pip install --require-hashes --no-deps --no-cache-dir -r /tmp/requirements/install.txt; \
     rm -r /tmp/requirements; \
     groupadd --system --gid 10001 groq-proxy; \
     useradd --system --uid 10001 --gid groq-proxy --no-create-home --home-dir /nonexistent \

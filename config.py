@@ -180,7 +180,7 @@ def _parse(environ: Mapping[str, str]) -> Settings:
         )
     if settings.metrics and importlib.util.find_spec("prometheus_client") is None:  # found, not imported
         raise SettingsError(
-            "METRICS=true needs prometheus-client: pip install --require-hashes -r requirements-metrics.txt"
+            "METRICS=true needs prometheus-client: pip install --require-hashes --no-deps -r requirements-metrics.txt"
         )
     return settings
 
@@ -207,5 +207,5 @@ def _check_quotas(settings: Settings) -> None:
     if settings.redis_url and settings.quotas_on() and importlib.util.find_spec("redis") is None:
         raise SettingsError(
             "REDIS_URL is set but the redis package is not installed: "
-            "pip install --require-hashes -r requirements-redis.txt"
+            "pip install --require-hashes --no-deps -r requirements-redis.txt"
         )

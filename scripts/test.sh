@@ -10,7 +10,7 @@ command -v redis-server >/dev/null || missing="$missing redis-server"
 [ -x /usr/sbin/nginx ] || missing="$missing nginx"
 command -v systemd-analyze >/dev/null || missing="$missing systemd"
 [ -z "$missing" ] || (apt-get update -qq && apt-get install -y -qq $missing)
-.venv/bin/pip install --quiet --disable-pip-version-check --require-hashes -r requirements-dev.txt -r requirements-redis.txt -r requirements-metrics.txt
+.venv/bin/pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r requirements-dev.txt -r requirements-redis.txt -r requirements-metrics.txt
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy

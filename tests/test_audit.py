@@ -12,11 +12,11 @@ import pytest
 from conftest import ROOT
 from runtime_deps import installed_runtime
 
-REQUIREMENT = re.compile(r"^([A-Za-z0-9._-]+)==([^ \\]+) \\$")
+REQUIREMENT = re.compile(r"^([A-Za-z0-9._-]+)(?:\[[a-z0-9,-]+\])?==([^ ;\\]+)(?: ; [^\\]+)? \\$")
 
 
 def pins(path: Path) -> dict[str, str]:
-    """name -> version for every requirement in a pip-compile file, asserting each is exact and hashed."""
+    """name -> version for every requirement in a lock (extras, markers allowed), asserting each is exact and hashed."""
     found: dict[str, str] = {}
     lines = path.read_text().splitlines()
     for i, line in enumerate(lines):

@@ -66,7 +66,7 @@ def test_the_image_is_pinned_non_root_and_stops_and_checks_itself_as_documented(
     assert env["HOST"] == "0.0.0.0"
     assert env["PYTHONDONTWRITEBYTECODE"] == "1"
     (run,) = [args for args in _all("RUN") if "pip install" in args]
-    assert "pip install --require-hashes --no-cache-dir -r /tmp/requirements/install.txt" in run
+    assert "pip install --require-hashes --no-deps --no-cache-dir -r /tmp/requirements/install.txt" in run
     for extra in ("fast", "metrics", "redis"):
         assert f"ARG WITH_{extra.upper()}=false" in DOCKERFILE.read_text()
         assert f'"{extra}=$WITH_{extra.upper()}"' in run

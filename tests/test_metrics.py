@@ -308,7 +308,7 @@ def test_missing_package_is_one_start_up_line_naming_the_install_command(tmp_pat
     assert (line["level"], line["msg"]) == (
         "CRITICAL",
         "configuration error: METRICS=true needs prometheus-client: "
-        "pip install --require-hashes -r requirements-metrics.txt",
+        "pip install --require-hashes --no-deps -r requirements-metrics.txt",
     )
 
 
