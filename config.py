@@ -59,6 +59,7 @@ class Settings:
     max_body_bytes: int = 1024 * 1024
     max_concurrency: int = 64
     allowed_models: tuple[str, ...] = ()
+    fallback_models: tuple[tuple[str, str], ...] = ()  # FALLBACK_MODELS: (model, its fallback) pairs
     client_timeout: float = 15.0
     shutdown_timeout: float = 30.0
     cors_origins: tuple[str, ...] = ()
@@ -155,6 +156,7 @@ def _parse(environ: Mapping[str, str]) -> Settings:
         max_body_bytes=env.integer("MAX_BODY_BYTES", default.max_body_bytes, 1, 2**31),
         max_concurrency=env.integer("MAX_CONCURRENCY", default.max_concurrency, 1, 100_000),
         allowed_models=tuple(check_model("ALLOWED_MODELS", m) for m in env.csv("ALLOWED_MODELS")),
+        fallback_models=env.fallbacks("FALLBACK_MODELS"),
         client_timeout=env.seconds("CLIENT_TIMEOUT", default.client_timeout),
         shutdown_timeout=env.seconds("SHUTDOWN_TIMEOUT", default.shutdown_timeout),
         cors_origins=tuple(check_origin("CORS_ORIGINS", o) for o in env.csv("CORS_ORIGINS")),
@@ -172,6 +174,11 @@ def _parse(environ: Mapping[str, str]) -> Settings:
     )
     if settings.allowed_models and settings.groq_model not in settings.allowed_models:
         raise SettingsError(f"GROQ_MODEL must be one of ALLOWED_MODELS ({shown(settings.groq_model)})")
+    for model, fallback in settings.fallback_models:
+        if settings.allowed_models and fallback not in settings.allowed_models:
+            raise SettingsError(
+                f"FALLBACK_MODELS: {model!r} falls back to {fallback!r}, which is not in ALLOWED_MODELS"
+            )
     _check_quotas(settings)
     if "*" in env.csv("FORWARDED_ALLOW_IPS") and not (settings.service_api_keys or settings.service_keys):
         raise SettingsError(

@@ -112,6 +112,31 @@ class Reader:
                 )
         return tokens
 
+    def fallbacks(self, name: str) -> tuple[tuple[str, str], ...]:
+        """Comma-separated `model>fallback` pairs: each model has at most one fallback, and no chain comes back."""
+        pairs: dict[str, str] = {}
+        for entry in self.csv(name):
+            model, arrow, fallback = (part.strip() for part in entry.partition(">"))
+            if not (arrow and MODEL_PATTERN.fullmatch(model) and MODEL_PATTERN.fullmatch(fallback)):
+                raise SettingsError(
+                    f"{name} entries must be model>fallback pairs such as openai/gpt-oss-120b>openai/gpt-oss-20b,"
+                    f" each name 1-128 characters of A-Z a-z 0-9 . _ : / - ({shown(entry)})"
+                )
+            if model == fallback:
+                raise SettingsError(f"{name}: {model!r} falls back to itself")
+            if model in pairs:
+                raise SettingsError(
+                    f"{name} gives {model!r} two fallbacks ({pairs[model]!r} and {fallback!r}); keep one"
+                )
+            pairs[model] = fallback
+        for start in pairs:
+            chain = [start]
+            while chain[-1] in pairs:
+                chain.append(pairs[chain[-1]])
+                if chain[-1] in chain[:-1]:
+                    raise SettingsError(f"{name} has a cycle: {' > '.join(chain[chain.index(chain[-1]) :])}")
+        return tuple(pairs.items())
+
     def host(self, name: str, default: str) -> str:
         raw = self._raw(name)
         if raw is None:
