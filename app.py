@@ -27,12 +27,13 @@ import shutdown
 import streaming
 from config import Settings, SettingsError, load_settings
 from llm import Upstream
-from middleware import CLIENT, LOG_FIELDS, REQUESTED, Authorize, Cors, RequestLog, elapsed_ms, error_response
+from middleware import CLIENT, LOG_FIELDS, REQUESTED, Authorize, Cors, RequestLog, elapsed_ms, http_error, service_error
 from sdk_validation import parse_completion
 from validation import parse_chat
 
 if TYPE_CHECKING:
     import quota
+    from fallback import Fallbacks
     from metrics import Metrics
 
 logger = logging.getLogger("service")
@@ -62,6 +63,11 @@ def create_app(settings: Settings) -> Starlette:
         import quota
 
         service.quota = quota.build(settings, on_remaining=service.metrics.quota if service.metrics else None)
+    if settings.fallback_models:  # fallback.py imported only when FALLBACK_MODELS is set
+        import fallback
+
+        on_fallback = service.metrics.fallback if service.metrics else None
+        service.fallbacks = fallback.Fallbacks(settings, on_fallback=on_fallback)
     cors = [
         Middleware(
             Cors,
@@ -91,7 +97,7 @@ def create_app(settings: Settings) -> Starlette:
         routes=routes,
         middleware=middleware,
         lifespan=service.lifespan,
-        exception_handlers={HTTPException: _http_error, errors.ServiceError: _service_error},
+        exception_handlers={HTTPException: http_error, errors.ServiceError: service_error},
     )
     app.router.redirect_slashes = False  # its redirect would build a Location from the client's Host header
     app.state.service = service
@@ -109,6 +115,7 @@ class Service:
         self.quota: quota.Quota | None = None  # set by create_app, after the metrics it reports to
         self.requests = shutdown.Requests()  # every HTTP request in flight, ended at the shutdown deadline
         self.metrics: Metrics | None = None
+        self.fallbacks: Fallbacks | None = None
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -150,10 +157,11 @@ class Service:
         model = chat.model or self.settings.groq_model
         fields = self._log_request(request, model, chat.messages, chat.stream)
         await self._admit(request, chat.params.get("max_tokens") or chat.params.get("max_completion_tokens"))
+        chain = self.fallbacks.chain(model, request.scope) if self.fallbacks else None
         if chat.stream:
             fields["stream"] = True
             self._acquire()
-            pieces = upstream.chat_stream(chat.messages, model, chat.params)
+            pieces = upstream.chat_stream(chat.messages, model, chat.params, chain)
             return await streaming.start(
                 pieces,
                 streaming.chat_encoder(fields),
@@ -163,7 +171,9 @@ class Service:
                 request.receive,
             )
         with self._slot(fields):
-            result = await lifetimes.while_connected(request.receive, upstream.chat(chat.messages, model, chat.params))
+            result = await lifetimes.while_connected(
+                request.receive, upstream.chat(chat.messages, model, chat.params, chain)
+            )
         streaming.log_result(
             fields, result.model, result.usage, fields.get("completion") is not None and result.content
         )
@@ -176,16 +186,17 @@ class Service:
         fields = self._log_request(request, completion.model, completion.body["messages"], completion.stream)
         body = completion.body
         await self._admit(request, body.get("max_completion_tokens") or body.get("max_tokens"))
+        chain = self.fallbacks.chain(completion.model, request.scope) if self.fallbacks else None
         if completion.stream:
             fields["stream"] = True
             self._acquire()
             body, strip_usage = self.quota.ask_for_usage(body) if self.quota else (body, False)
-            events, encode = upstream.stream_events(body), streaming.relay_encoder(fields, strip_usage)
+            events, encode = upstream.stream_events(body, chain), streaming.relay_encoder(fields, strip_usage)
             return await streaming.start(
                 events, encode, streaming.openai_error_event, fields, self._release, request.receive
             )
         with self._slot(fields):
-            raw, data = await lifetimes.while_connected(request.receive, upstream.complete(completion.body))
+            raw, data = await lifetimes.while_connected(request.receive, upstream.complete(completion.body, chain))
         streaming.note_completion(fields, data)
         return Response(raw, media_type=_JSON)
 
@@ -250,24 +261,6 @@ class Service:
 
 def _json(payload: dict[str, Any], status: int = 200) -> Response:
     return Response(errors.encode_json(payload), status, media_type=_JSON)
-
-
-async def _service_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, errors.ServiceError)
-    request.scope[LOG_FIELDS]["error"] = exc.type
-    return error_response(exc, request.scope)
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    if exc.status_code == 405:
-        allow = (exc.headers or {}).get("Allow", "")
-        error: errors.ServiceError = errors.MethodNotAllowed(
-            f"This method is not allowed here; use {allow}.", headers={"Allow": allow}
-        )
-    else:
-        error = errors.NotFound("No route matches this path; the endpoints are listed in the README.")
-    return await _service_error(request, error)
 
 
 def configure_from_environment() -> tuple[Settings, dict[str, Any]]:

@@ -11,8 +11,8 @@ import asyncio
 import contextlib
 import dataclasses
 import ssl
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
-from typing import Any, cast
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import groq
@@ -23,6 +23,9 @@ import groq_wire
 from config import Settings, load_settings
 from groq_wire import ChatResult, Delta
 from validation import parse_chat
+
+if TYPE_CHECKING:
+    from fallback import Chain
 
 CHAT_PATH = "/openai/v1/chat/completions"
 MODELS_PATH = "/openai/v1/models"
@@ -92,27 +95,47 @@ class Upstream:
         client = self._clients[shard] = groq.AsyncGroq(**self._client_options, http_client=http_client)
         return client
 
-    async def complete(self, body: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
-        """POST a chat completion; returns Groq's raw body and its parsed form."""
-        raw = await self._call(CHAT_PATH, body)
+    async def complete(self, body: dict[str, Any], chain: Chain | None = None) -> tuple[bytes, dict[str, Any]]:
+        """POST a chat completion (to each model of a FALLBACK_MODELS chain in turn); Groq's raw body, parsed too."""
+        raw = await (self._post(body) if chain is None else chain.complete(self._post, body))
         return raw, groq_wire.completion(raw)
 
-    async def chat(self, messages: Messages, model: str, params: dict[str, Any]) -> ChatResult:
-        _, data = await self.complete({"messages": messages, "model": model, **params})
+    async def chat(
+        self, messages: Messages, model: str, params: dict[str, Any], chain: Chain | None = None
+    ) -> ChatResult:
+        _, data = await self.complete({"messages": messages, "model": model, **params}, chain)
         result = groq_wire.result(data)
         return result if _shows_reasoning(params) else dataclasses.replace(result, reasoning=None)
 
     async def models(self) -> dict[str, Any]:
         return groq_wire.model_list(await self._call(MODELS_PATH, None))
 
-    async def _call(self, path: str, body: dict[str, Any] | None) -> bytes:
+    def _post(
+        self, body: dict[str, Any], *, retries: int | None = None, deadline: float | None = None
+    ) -> Awaitable[bytes]:
+        return self._call(CHAT_PATH, body, retries=retries, deadline=deadline)
+
+    async def _call(
+        self, path: str, body: dict[str, Any] | None, *, retries: int | None = None, deadline: float | None = None
+    ) -> bytes:
+        """`retries` replaces GROQ_MAX_RETRIES for this call, `deadline` (loop time) GROQ_TIMEOUT from now."""
+        options: groq.RequestOptions = {} if retries is None else {"max_retries": retries}
         with groq_wire.mapped_errors(self._secret):
-            async with self._client() as client, asyncio.timeout(self._timeout):
+            timeout = asyncio.timeout(self._timeout) if deadline is None else asyncio.timeout_at(deadline)
+            async with self._client() as client, timeout:
                 if body is None:
                     return (await client.get(path, cast_to=httpx.Response)).content
-                return (await client.post(path, body=body, cast_to=httpx.Response)).content
+                return (await client.post(path, body=body, cast_to=httpx.Response, options=options)).content
 
-    async def stream_events(self, body: dict[str, Any]) -> AsyncGenerator[list[tuple[bytes, Any]]]:
+    def stream_events(
+        self, body: dict[str, Any], chain: Chain | None = None
+    ) -> AsyncGenerator[list[tuple[bytes, Any]]]:
+        """Groq's stream (from each model of a FALLBACK_MODELS chain in turn, until one starts): see `_events`."""
+        return self._events(body) if chain is None else chain.stream(self._events, body)
+
+    async def _events(
+        self, body: dict[str, Any], *, retries: int | None = None, deadline: float | None = None
+    ) -> AsyncGenerator[list[tuple[bytes, Any]]]:
         """Yield, per read from Groq, its complete SSE events as (raw event without its blank line, parsed data).
 
         GROQ_TIMEOUT bounds everything up to the first read, GROQ_STREAM_IDLE_TIMEOUT each later one: Groq's
@@ -120,15 +143,21 @@ class Upstream:
         The upstream response is closed however the caller stops, so Groq stops generating.
         """
         body = {**body, "stream": True}
+        options: groq.RequestOptions = {} if retries is None else {"max_retries": retries}
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout
+        deadline = loop.time() + self._timeout if deadline is None else deadline
         with groq_wire.mapped_errors(self._secret):
             async with self._client() as client:
                 async with asyncio.timeout_at(deadline):
                     response = cast(
                         httpx.Response,
                         await client.post(
-                            CHAT_PATH, body=body, cast_to=httpx.Response, stream=True, stream_cls=groq.AsyncStream[Any]
+                            CHAT_PATH,
+                            body=body,
+                            cast_to=httpx.Response,
+                            stream=True,
+                            stream_cls=groq.AsyncStream[Any],
+                            options=options,
                         ),
                     )
                 try:
@@ -153,7 +182,7 @@ class Upstream:
                         await response.aclose()
 
     async def chat_stream(
-        self, messages: Messages, model: str, params: dict[str, Any]
+        self, messages: Messages, model: str, params: dict[str, Any], chain: Chain | None = None
     ) -> AsyncGenerator[list[Delta] | ChatResult]:
         """Yield lists of reasoning and text deltas (one list per read from Groq), then the final ChatResult.
 
@@ -163,7 +192,7 @@ class Upstream:
         final: dict[str, Any] = {"model": model}
         finish_reason, first, shows_reasoning = None, True, _shows_reasoning(params)
         body = {"messages": messages, "model": model, **params, "stream_options": _INCLUDE_USAGE}
-        async with contextlib.aclosing(self.stream_events(body)) as stream:
+        async with contextlib.aclosing(self.stream_events(body, chain)) as stream:
             async for events in stream:
                 deltas: list[Delta] = []
                 for _, data in events:

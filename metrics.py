@@ -3,11 +3,11 @@
 Imported only when METRICS=true, so prometheus-client (requirements-metrics.txt) stays optional.
 `middleware.RequestLog` calls `Metrics.observe` as a request starts and the function it returns with the
 request's final log fields (framing.py calls `refused_below` for a request refused before the app saw it,
-through the lifespan state); `Service` reports its Groq calls in flight, and quota.py each client's remaining
-quota. Nothing a client sends can add a series: routes are the app's templates (else `other`), methods the
-standard ones (else `_OTHER`), keys the configured clients' names or token key ids, and a model label only
-GROQ_MODEL, ALLOWED_MODELS, or (when ALLOWED_MODELS is unset) the first `_LEARNED_MODELS` models Groq answered
-with; any other model is `other`.
+through the lifespan state); `Service` reports its Groq calls in flight, quota.py each client's remaining
+quota, and fallback.py each fallback taken. Nothing a client sends can add a series: routes are the app's
+templates (else `other`), methods the standard ones (else `_OTHER`), keys the configured clients' names or token
+key ids, and a model label only GROQ_MODEL, ALLOWED_MODELS, FALLBACK_MODELS, or (when ALLOWED_MODELS is unset)
+the first `_LEARNED_MODELS` models Groq answered with; any other model is `other`.
 
 With several workers, prometheus-client's multiprocess mode: `python app.py` makes a private directory for
 its files (`shared_directory`) and every worker writes there, so whichever worker answers a scrape sums them.
@@ -92,7 +92,8 @@ class Metrics:
         if self._directory:
             multiprocess.MultiProcessCollector(self._registry, path=self._directory)  # type: ignore[no-untyped-call]
         self._routes = frozenset(paths)
-        self._models = {settings.groq_model, *settings.allowed_models}
+        fallbacks = (model for pair in settings.fallback_models for model in pair)
+        self._models = {settings.groq_model, *settings.allowed_models, *fallbacks}
         self._learning = _LEARNED_MODELS if not settings.allowed_models else 0
         self._children: dict[tuple[object, ...], Any] = {}  # bounded like the labels; skips `labels()`'s checks
         self.requests = self._histogram(
@@ -124,6 +125,9 @@ class Metrics:
             "groq_proxy_tokens", "Tokens spent, by client key.", ("key", "gen_ai_token_type", "gen_ai_response_model")
         )
         self.refused = self._counter("groq_proxy_refused", "Requests the service refused, by reason.", ("reason",))
+        self.fallbacks = self._counter(
+            "groq_proxy_fallbacks", "Calls to a FALLBACK_MODELS fallback after its model failed.", ("from", "to")
+        )
         self.upstream_in_flight = self._gauge("groq_proxy_upstream_in_flight", "Groq calls in flight.")
         self.max_concurrency = self._gauge("groq_proxy_max_concurrency", "MAX_CONCURRENCY (summed over workers).")
         self.max_concurrency.set(settings.max_concurrency)
@@ -158,6 +162,12 @@ class Metrics:
     def quota(self, key: str, limit: str, remaining: int) -> None:
         """quota.Quota's `on_remaining`: `key` is a configured client name, `limit` a quota limit's name."""
         self._child(self.quota_remaining, key, limit).set(remaining)
+
+    def fallback(self, failed: str, following: str, error: str, seconds: float) -> None:
+        """fallback.Chain's `on_fallback`: the failed Groq call (its own operation), and the fallback it led to.
+        Both models are FALLBACK_MODELS names, which the operator set."""
+        self._child(self.operations, *_GEN_AI, self._model(failed), error).observe(seconds)
+        self._child(self.fallbacks, failed, following).inc()
 
     def observe(self, scope: Scope) -> Callable[[], None]:
         route = scope["path"] if scope["path"] in self._routes else OTHER

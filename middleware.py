@@ -16,14 +16,15 @@ from collections.abc import Callable
 from typing import Any
 
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import ClientDisconnect
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import logging_config
 from config import ServiceKey
-from errors import InvalidRequest, ServiceError, Unauthorized
+from errors import InvalidRequest, MethodNotAllowed, NotFound, ServiceError, Unauthorized
 
 logger = logging.getLogger("service")
 LOG_FIELDS = "service.log_fields"  # scope key: the dict that becomes the request's access line
@@ -236,3 +237,23 @@ def error_response(error: ServiceError, scope: Scope) -> Response:
 def is_sdk_route(scope: Scope) -> bool:
     """The groq/openai SDK routes, whose errors carry `code` and whose streams end in OpenAI's error event."""
     return str(scope["path"]).startswith(("/openai/", "/v1/"))
+
+
+async def service_error(request: Request, exc: Exception) -> Response:
+    """The app's handler for ServiceError: the envelope, and the error's type on the access line."""
+    assert isinstance(exc, ServiceError)
+    request.scope[LOG_FIELDS]["error"] = exc.type
+    return error_response(exc, request.scope)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """The app's handler for the router's own 404 and 405, in the same envelope."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        allow = (exc.headers or {}).get("Allow", "")
+        error: ServiceError = MethodNotAllowed(
+            f"This method is not allowed here; use {allow}.", headers={"Allow": allow}
+        )
+    else:
+        error = NotFound("No route matches this path; the endpoints are listed in the README.")
+    return await service_error(request, error)
