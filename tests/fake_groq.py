@@ -54,6 +54,7 @@ class Behaviour:
     hold: threading.Event | None = None  # answer only once this is set (waits at most 30 s)
     raw_events: list[bytes] | None = None  # a stream sends these (raw SSE bytes, one write each) instead
     models_body: bytes | None = None  # on `fake.default`: sent verbatim for GET /openai/v1/models
+    hang_up: bool = False  # close the connection without answering (the client sees Groq as unreachable)
 
     def pieces(self) -> list[str]:
         if self.chunks is not None:
@@ -159,6 +160,9 @@ class FakeGroq:
             return False
         if behaviour.hold is not None:
             await _held(behaviour.hold)
+        if behaviour.hang_up:
+            writer.transport.abort()
+            return False
         extra = behaviour.headers
         if behaviour.raw_body is not None:
             return self._send(writer, behaviour.status, behaviour.raw_body, "application/json", extra)
@@ -372,6 +376,65 @@ def _add_reasoning_tokens(usage: dict[str, Any], b: Behaviour) -> None:
         usage["completion_tokens"] += b.reasoning_tokens
         usage["total_tokens"] += b.reasoning_tokens
         usage["completion_tokens_details"] = {"reasoning_tokens": b.reasoning_tokens}
+
+
+def groq_error(status: int, model: str = "openai/gpt-oss-120b", **kwargs: Any) -> Behaviour:
+    """A model that Groq answers with `status`, in Groq's body and headers for it (groq-wire.md §5, §6)."""
+    error, headers = _GROQ_ERRORS[status]
+    body = {k: v.replace("{model}", model) if isinstance(v, str) else v for k, v in error.items()}
+    return Behaviour(status=status, error=body, headers={**headers, **kwargs.pop("headers", {})}, **kwargs)
+
+
+_LIMIT_TEXT = (
+    "Rate limit reached for model `{model}` in organization `org_01fake` service tier `on_demand` on tokens per"
+    " minute (TPM): Limit 15000, Used 11972, Requested 4351. Please try again in 5.289s. Visit"
+    " https://console.groq.com/docs/rate-limits for more information."
+)
+_GROQ_ERRORS: dict[int, tuple[dict[str, Any], dict[str, str]]] = {
+    400: (
+        {
+            "message": "The model `{model}` has been decommissioned and is no longer supported.",
+            "type": "invalid_request_error",
+            "code": "model_decommissioned",
+        },
+        {},
+    ),
+    401: ({"message": "Invalid API Key", "type": "invalid_request_error", "code": "invalid_api_key"}, {}),
+    403: ({"message": "Permission denied for model `{model}`.", "type": "permission_error"}, {}),
+    404: (
+        {
+            "message": "The model `{model}` does not exist or you do not have access to it.",
+            "type": "invalid_request_error",
+            "code": "model_not_found",
+        },
+        {},
+    ),
+    413: (
+        {
+            "message": "Request too large for model `{model}` in organization `org_01fake` service tier `on_demand`"
+            " on tokens per minute (TPM): Limit 6000, Requested 10338, please reduce your message size and try again.",
+            "type": "tokens",
+            "code": "rate_limit_exceeded",
+        },
+        {},
+    ),
+    422: (
+        {"message": "The model produced an invalid response; retry your request.", "type": "invalid_request_error"},
+        {},
+    ),
+    429: ({"message": _LIMIT_TEXT, "type": "tokens", "code": "rate_limit_exceeded"}, {"retry-after": "6"}),
+    498: (
+        {
+            "message": "Flex tier capacity exceeded for model `{model}`; try again later.",
+            "type": "capacity_exceeded",
+            "code": "capacity_exceeded",
+        },
+        {},
+    ),
+    500: ({"message": "Internal Server Error", "type": "internal_server_error"}, {}),
+    502: ({"message": "Bad Gateway", "type": "internal_server_error"}, {}),
+    503: ({"message": "Service Unavailable", "type": "internal_server_error", "code": "service_unavailable"}, {}),
+}
 
 
 BENCH_MODELS = {

@@ -99,6 +99,7 @@ print(json.dumps(sorted(m for m in sys.modules if os.path.exists(m + ".py") or m
         ({"REDIS_URL": "redis://127.0.0.1:1/0"}, []),  # no quota: Redis is not used
         ({"QUOTA_REQUESTS_PER_MINUTE": "5", "REDIS_URL": "redis://127.0.0.1:1/0"}, ["quota", "quota_redis", "redis"]),
         ({"METRICS": "true"}, ["metrics", "prometheus_client"]),
+        ({"FALLBACK_MODELS": "a>b"}, ["fallback"]),
     ],
 )
 def test_a_feature_that_is_off_imports_nothing(env: dict[str, str], added: list[str]) -> None:
