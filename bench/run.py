@@ -2,6 +2,7 @@
 
     python bench/run.py                     # 3 runs, medians with min-max, writes bench/results/<date>.md
     python bench/run.py --quick --out -     # a tiny smoke run (what the tests do)
+    python bench/run.py --only fallback     # one group of rows alone (here FALLBACK_MODELS's cost)
 
 With 2+ cores the service runs alone on core 0 and the fake upstream and load generator on core 1.
 Load comes from wrk when installed (apt-get install wrk), else from a lean asyncio client.
@@ -323,6 +324,7 @@ def one_run(
     row["floor_us_c1"] = sdk_floor_us(python, fake_url, "openai/gpt-oss-20b", 1, seconds)
     row["floor_us_c64_delay50"] = sdk_floor_us(python, fake_url, "bench/delay50", 64, seconds)
     row |= quota_overhead(python, fake_url, seconds, wrk)
+    row |= fallback_cost(python, fake_url, seconds, wrk)
     row["ratio_c1"] = row["cpu_us_c1"] / row["floor_us_c1"]
     row["ratio_c64_delay50"] = row["cpu_us_c64_delay50"] / row["floor_us_c64_delay50"]
     return row
@@ -379,6 +381,33 @@ def metrics_cost(python: str, fake_url: str, seconds: float, wrk: bool) -> dict[
     return row
 
 
+FALLBACK = {"FALLBACK_MODELS": "openai/gpt-oss-20b>openai/gpt-oss-120b"}  # the benchmark's model has a fallback
+
+
+def fallback_cost(python: str, fake_url: str, seconds: float, wrk: bool) -> dict[str, float]:
+    """CPU per /chat (c=1) with FALLBACK_MODELS giving the asked-for model a fallback that is never taken (the fake
+    always answers), as a ratio to the same service without it; both run at once and are loaded in turns."""
+    services = [start_with(python, fake_url, env) for env in ({}, FALLBACK)]
+    cpu, answered = [0.0, 0.0], [0, 0]
+    try:
+        for _, url in services:
+            load(url, "/chat", CHAT, 1, 0.5, wrk=wrk)  # warm-up
+        for _ in range(6):
+            for i, (proc, url) in enumerate(services):
+                before = cpu_seconds(proc.pid)
+                answered[i] += int(load(url, "/chat", CHAT, 1, seconds / 5, wrk=wrk)["ok"])
+                cpu[i] += cpu_seconds(proc.pid) - before
+    finally:
+        for proc, _ in services:
+            proc.terminate()
+            proc.wait(30)
+    with_fallback = cpu[1] / answered[1] * 1e6
+    return {"fallback_cpu_us_c1": with_fallback, "fallback_cpu_ratio": with_fallback / (cpu[0] / answered[0] * 1e6)}
+
+
+ONLY = {"metrics": metrics_cost, "fallback": fallback_cost}  # --only: one group of rows, without the rest
+
+
 FIGURES = [  # key, label, target, format
     ("ratio_c1", "CPU per /chat ÷ CPU of one bare AsyncGroq call, one at a time", "≤ 1.25", "{:.2f}"),
     ("cpu_us_c1", "service CPU per non-streamed /chat, c=1 (µs)", "", "{:.0f}"),
@@ -415,6 +444,13 @@ FIGURES = [  # key, label, target, format
     ("metrics_cpu_ratio", "CPU per /chat with METRICS=true ÷ without, c=1, in turns", "≤ 1.05", "{:.3f}"),
     ("metrics_cpu_us_c1", "service CPU per /chat with METRICS=true, c=1 (µs)", "", "{:.0f}"),
     ("metrics_rss_idle_mb", "RSS idle with METRICS=true (MB)", "", "{:.1f}"),
+    (
+        "fallback_cpu_ratio",
+        "CPU per /chat with FALLBACK_MODELS set, no fallback taken ÷ without, c=1, in turns",
+        "≤ 1.05",
+        "{:.3f}",
+    ),
+    ("fallback_cpu_us_c1", "service CPU per /chat with FALLBACK_MODELS set, c=1 (µs)", "", "{:.0f}"),
 ]
 
 
@@ -475,6 +511,8 @@ def start_with(
 def report(rows: list[dict[str, float]], distributions: int, meta: str) -> str:
     lines = [meta, "", "| figure | median | min–max | target |", "|---|---|---|---|"]
     for key, label, target, fmt in FIGURES:
+        if key not in rows[0]:  # --only: the other rows were not measured
+            continue
         values = [r[key] for r in rows]
         spread = f"{fmt.format(min(values))}–{fmt.format(max(values))}"
         lines.append(f"| {label} | {fmt.format(statistics.median(values))} | {spread} | {target} |")
@@ -491,6 +529,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--python", default=sys.executable, help="interpreter of the venv to measure")
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run: 1 run, short phases")
+    parser.add_argument("--only", choices=sorted(ONLY), help="measure only this group of rows")
     parser.add_argument("--no-wrk", action="store_true", help="use the asyncio load generator even if wrk is installed")
     parser.add_argument("--out", help="Markdown file to write ('-' for none); default bench/results/<date>.md")
     args = parser.parse_args()
@@ -501,10 +540,13 @@ def main() -> None:
         args.seconds = max(1, round(args.seconds))
     fake, fake_url = start_fake(args.python, args.chunks)
     try:
-        rows = [
-            one_run(args.python, fake_url, args.seconds, args.streams, args.chunks, args.workers, wrk)
-            for _ in range(args.runs)
-        ]
+        if args.only:
+            rows = [ONLY[args.only](args.python, fake_url, args.seconds, wrk) for _ in range(args.runs)]
+        else:
+            rows = [
+                one_run(args.python, fake_url, args.seconds, args.streams, args.chunks, args.workers, wrk)
+                for _ in range(args.runs)
+            ]
     finally:
         fake.terminate()
         fake.wait(10)
@@ -518,7 +560,8 @@ def main() -> None:
     table = report(rows, runtime_distributions(args.python), meta)
     print(table)
     if args.out != "-":
-        out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"{datetime.date.today()}.md"
+        name = f"{datetime.date.today()}{'-' + args.only if args.only else ''}.md"
+        out = Path(args.out) if args.out else ROOT / "bench" / "results" / name
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(table)
         print(f"written to {out}")
