@@ -73,24 +73,21 @@ class Chain:
 
     async def complete(self, call: Call, body: dict[str, Any]) -> bytes:
         deadline = asyncio.get_running_loop().time() + self._timeout
-        last = len(self._models) - 1
-        for i, model in enumerate(self._models):
+        for i, model in enumerate(self._models[:-1]):
             started = time.perf_counter()
             try:
-                return await call({**body, "model": model}, retries=0 if i < last else None, deadline=deadline)
+                return await call({**body, "model": model}, retries=0, deadline=deadline)
             except errors.ServiceError as exc:
                 if not self._falls_back(i, exc, started, deadline):
                     raise
-        raise AssertionError("unreachable: the last model's error is raised")  # pragma: no cover
+        return await call({**body, "model": self._models[-1]}, deadline=deadline)  # with the SDK's retries
 
     async def stream(self, events: Events, body: dict[str, Any]) -> AsyncGenerator[Any]:
         """Each model's stream until one yields its first piece; from then on that stream only, errors included."""
         deadline = asyncio.get_running_loop().time() + self._timeout
-        last = len(self._models) - 1
-        for i, model in enumerate(self._models):
+        for i, model in enumerate(self._models[:-1]):
             started = time.perf_counter()
-            pieces = events({**body, "model": model}, retries=0 if i < last else None, deadline=deadline)
-            async with contextlib.aclosing(pieces):
+            async with contextlib.aclosing(events({**body, "model": model}, retries=0, deadline=deadline)) as pieces:
                 try:
                     first = await anext(pieces)
                 except errors.ServiceError as exc:
@@ -100,11 +97,14 @@ class Chain:
                 yield first
                 async for piece in pieces:
                     yield piece
-            return
+                return
+        async with contextlib.aclosing(events({**body, "model": self._models[-1]}, deadline=deadline)) as pieces:
+            async for piece in pieces:
+                yield piece
 
     def _falls_back(self, i: int, exc: errors.ServiceError, started: float, deadline: float) -> bool:
-        """Whether the call to model i failed for capacity with a next model to try, in time; if so, say so."""
-        if i == len(self._models) - 1 or not _capacity(exc) or asyncio.get_running_loop().time() >= deadline:
+        """Whether the call to model i (not the last) failed for capacity, in time to try the next; if so, say so."""
+        if not _capacity(exc) or asyncio.get_running_loop().time() >= deadline:
             return False
         failed, following = self._models[i], self._models[i + 1]
         fields = self._scope[LOG_FIELDS]

@@ -13,6 +13,7 @@ import pytest
 from conftest import Service, groq_env
 from fake_groq import Behaviour, FakeGroq, groq_error
 from test_chat import assert_error
+from test_lifetimes import _port, _request, _wait_for
 from test_streaming import sse_events
 
 A, B, C, D, E = "openai/gpt-oss-120b", "openai/gpt-oss-20b", "qwen/qwen3.6-27b", "qwen/qwen3.8-27b", "compound-beta"
@@ -171,6 +172,21 @@ def test_a_stream_falls_back_before_its_response_head(a_to_b: Service, fake: Fak
     assert (access["model"], access["stream"], *fallback_fields(access)) == (B, True, A, 2)
 
 
+def test_a_stream_that_needs_no_fallback_is_relayed_as_before(a_to_b: Service, fake: FakeGroq) -> None:
+    response = a_to_b.client.post("/chat", json={**ASK_A, "stream": True})
+    events = sse_events(response.text)
+    assert (response.status_code, events[-1], json.loads(events[-2][1])["model"]) == (200, ("message", "[DONE]"), A)
+    assert models_asked(fake) == [A]
+    assert fallback_fields(a_to_b.access_lines(1)[0]) == (None, None)
+
+
+def test_a_stream_groq_refuses_is_not_sent_to_the_fallback(a_to_b: Service, fake: FakeGroq) -> None:
+    fake.behaviours[A] = groq_error(404, A)
+    assert_error(a_to_b.client.post("/chat", json={**ASK_A, "stream": True}), 404, "upstream_rejected")
+    assert models_asked(fake) == [A]
+    assert fallback_fields(a_to_b.access_lines(1)[0]) == (None, None)
+
+
 @pytest.mark.parametrize("behaviour", [Behaviour(chunks=5, error_event_after=2), Behaviour(chunks=5, drop_after=2)])
 def test_a_stream_never_falls_back_after_its_response_head(
     a_to_b: Service, fake: FakeGroq, behaviour: Behaviour
@@ -239,3 +255,17 @@ def test_the_sdk_route_passes_on_a_refusal_without_fallback(a_to_b: Service, fak
     with groq.Groq(base_url=a_to_b.url, api_key=SDK_TOKEN, max_retries=0) as client, pytest.raises(groq.NotFoundError):
         client.chat.completions.create(messages=MESSAGES, model=A)  # type: ignore[arg-type]
     assert models_asked(fake) == [A]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_leaves_during_the_fallback_stops_it(fake: FakeGroq, start_service: Any, stream: bool) -> None:
+    fake.behaviours |= {A: groq_error(429, A), B: Behaviour(delay=30)}
+    service = start_service(groq_env(fake, FALLBACK_MODELS=f"{A}>{B}"))
+    sock = _request(_port(service.url), "POST", "/chat", {**ASK_A, "stream": stream})
+    _wait_for(lambda: len(fake.chat_requests()) == 2)  # B is asked, and holds its answer
+    sock.close()
+    _wait_for(lambda: fake.closed_early, 5)
+    assert models_asked(fake) == [A, B]
+    [access] = service.access_lines(1)
+    assert (access["status"], access["disconnected"], *fallback_fields(access)) == (499, True, A, 2)
+    assert service.app.state.service.in_flight == 0
