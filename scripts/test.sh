@@ -1,18 +1,46 @@
 #!/usr/bin/env bash
 # The whole test suite from a fresh checkout: a venv from the hash-pinned files, then lint, types,
 # the size budget and the tests with the branch-coverage gate. Extra arguments go to pytest.
+# Run as root on Debian 12: the container tests use Docker (README.md, "Development").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
-# The quota and deployment tests run Debian's redis-server, nginx and systemd-analyze.
+# The quota and deployment tests run Debian's redis-server, nginx and systemd-analyze; the container tests
+# Debian's Docker (docker.io) and debootstrap, which makes their base image.
 missing=""
 command -v redis-server >/dev/null || missing="$missing redis-server"
 [ -x /usr/sbin/nginx ] || missing="$missing nginx"
 command -v systemd-analyze >/dev/null || missing="$missing systemd"
+command -v dockerd >/dev/null && command -v docker >/dev/null || missing="$missing docker.io"
+command -v debootstrap >/dev/null || missing="$missing debootstrap"
 [ -z "$missing" ] || (apt-get update -qq && apt-get install -y -qq $missing)
 .venv/bin/pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r requirements-dev.txt -r requirements-redis.txt -r requirements-metrics.txt
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
 .venv/bin/python scripts/size_budget.py
-exec .venv/bin/python -m pytest --cov --cov-report=term "$@"
+
+# A Docker daemon: the one that answers, else Debian's dockerd started here in the background and stopped at the
+# end. The tests use host networking and network-less builds only, so this one makes no bridge and leaves the
+# machine's iptables alone.
+dockerd_pid=""
+stop_dockerd() {
+  if [ -n "$dockerd_pid" ]; then
+    kill -TERM "$dockerd_pid" && wait "$dockerd_pid" || true
+  fi
+}
+trap stop_dockerd EXIT
+if ! docker info >/dev/null 2>&1; then
+  dockerd_log=$(mktemp /tmp/groq-proxy-dockerd.XXXXXX.log)
+  dockerd --bridge=none --iptables=false >"$dockerd_log" 2>&1 &
+  dockerd_pid=$!
+  for _ in $(seq 300); do
+    docker info >/dev/null 2>&1 && break
+    kill -0 "$dockerd_pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  docker info >/dev/null 2>&1 || { echo "dockerd did not start; its log: $dockerd_log" >&2; exit 1; }
+fi
+status=0
+.venv/bin/python -m pytest --cov --cov-report=term "$@" || status=$?
+exit "$status"

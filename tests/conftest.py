@@ -27,6 +27,7 @@ import server
 from app import create_app
 from config import load_settings
 
+pytest_plugins = ["containers"]  # the Docker fixtures of the container tests
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT_TOKEN = "svc_canary_client_token_9f8e7d6c"
 

@@ -1,4 +1,4 @@
-"""The two-replica deployment for real: Debian's nginx running deploy/nginx.conf (only its ports and paths
+"""The two-replica deployment for real: Debian's nginx running deploy/nginx/nginx.conf (only its ports and paths
 changed) in front of two replicas started as the README says (`python app.py` with env), each replica with its
 own fake Groq so every upstream call can be counted per replica; Redis for the shared quota. All on 127.0.0.1.
 
@@ -42,12 +42,14 @@ def _children(pid: int) -> set[int]:
 
 
 class Nginx:
-    """nginx in the foreground with deploy/nginx.conf, its listen port, upstream servers and paths adapted."""
+    """nginx in the foreground with deploy/nginx/nginx.conf, its listen port, upstream servers and paths adapted
+    (and its read timeout, when a test gives one)."""
 
-    def __init__(self, prefix: Path, upstreams: dict[str, int]) -> None:
+    def __init__(self, prefix: Path, upstreams: dict[str, int], read_timeout: str | None = None) -> None:
         self.prefix = prefix
         self.prefix.mkdir()
         self.upstreams = upstreams
+        self.read_timeout = read_timeout
         self.down: set[str] = set()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -60,8 +62,10 @@ class Nginx:
         _wait(self.workers, 10, "nginx's workers")
 
     def _write(self) -> None:
-        text = (ROOT / "deploy" / "nginx.conf").read_text()
+        text = (ROOT / "deploy" / "nginx" / "nginx.conf").read_text()
         text = _replace_once(text, "listen 8080;", f"listen 127.0.0.1:{self.port};")
+        if self.read_timeout:
+            text = _replace_once(text, "proxy_read_timeout 75s;", f"proxy_read_timeout {self.read_timeout};")
         for name, port in self.upstreams.items():
             down = " down" if name in self.down else ""
             text = _replace_once(text, f"server {name}:8000;", f"server 127.0.0.1:{port}{down};")
@@ -97,21 +101,21 @@ class Nginx:
 
 
 def _replace_once(text: str, old: str, new: str) -> str:
-    assert text.count(old) == 1, f"deploy/nginx.conf should hold {old!r} once"
+    assert text.count(old) == 1, f"deploy/nginx/nginx.conf should hold {old!r} once"
     return text.replace(old, new)
 
 
 class Deployment:
     """Two replicas behind nginx; `retired` keeps the replicas a restart replaced, with their logs."""
 
-    def __init__(self, tmp_path: Path, start_process: Any, **env: str) -> None:
+    def __init__(self, tmp_path: Path, start_process: Any, read_timeout: str | None = None, **env: str) -> None:
         self._start_process = start_process
         self._env = env
         self.fakes = {name: FakeGroq().start() for name in REPLICAS}
         self.ports = {name: free_port() for name in REPLICAS}
         self.replicas = {name: self._start(name) for name in REPLICAS}
         self.retired: list[Process] = []
-        self.nginx = Nginx(tmp_path / "nginx", self.ports)
+        self.nginx = Nginx(tmp_path / "nginx", self.ports, read_timeout)
 
     def _start(self, name: str) -> Process:
         env = groq_env(self.fakes[name], PORT=str(self.ports[name]), **self._env)
@@ -146,8 +150,8 @@ class Deployment:
 def deploy(tmp_path: Path, start_process: Any) -> Iterator[Any]:
     started: list[Deployment] = []
 
-    def start(**env: str) -> Deployment:
-        started.append(Deployment(tmp_path, start_process, **env))
+    def start(read_timeout: str | None = None, **env: str) -> Deployment:
+        started.append(Deployment(tmp_path, start_process, read_timeout, **env))
         return started[-1]
 
     yield start
@@ -341,3 +345,22 @@ def test_a_quota_in_redis_holds_across_both_replicas(deploy: Any, redis_server: 
     for name, replica in deployment.replicas.items():  # the limit is shared: each replica let some through
         statuses = [line["status"] for line in replica.json_lines() if line.get("path") == "/chat"]
         assert 200 in statuses, f"{name} passed none"
+
+
+def test_nginx_times_out_a_silent_replica_with_its_own_504_and_never_resends(deploy: Any) -> None:
+    deployment = deploy(read_timeout="1s")
+    hold = threading.Event()
+    for fake in deployment.fakes.values():
+        fake.behaviours["held"] = Behaviour(hold=hold)
+    try:
+        with _client(deployment.nginx.url) as client:
+            outcome = _chat(client, stream=False, model="held")
+    finally:
+        hold.set()
+    assert outcome is not None
+    status, _, body = outcome.partition(" ")
+    assert status == "504", outcome
+    error = json.loads(body)["error"]
+    assert error["type"] == "upstream_timeout"
+    assert error["message"].startswith("A replica of the service took this request"), "nginx's page, not a replica's"
+    assert deployment.upstream_calls() == 1, "a POST a replica took is never sent to the other"

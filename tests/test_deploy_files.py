@@ -20,7 +20,7 @@ from config import Settings
 
 DOCKERFILE = ROOT / "Dockerfile"
 UNIT = ROOT / "deploy" / "groq-proxy.service"
-NGINX_CONF = (ROOT / "deploy" / "nginx.conf").read_text()
+NGINX_CONF = (ROOT / "deploy" / "nginx" / "nginx.conf").read_text()
 COMPOSE = (ROOT / "deploy" / "compose.yaml").read_text()
 SECURITY_THRESHOLD = 2.0  # systemd-analyze security's overall exposure (0 = locked down, 10 = fully exposed)
 
@@ -56,7 +56,7 @@ def test_hadolint_would_catch_an_unpinned_install(tmp_path: Path) -> None:
 def test_the_image_is_pinned_non_root_and_stops_and_checks_itself_as_documented() -> None:
     base = dict(arg.split("=", 1) for arg in _all("ARG"))["PYTHON_IMAGE"]
     assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", base)
-    assert _all("FROM") == ["${PYTHON_IMAGE}"]
+    assert _all("FROM") == ["${PYTHON_IMAGE} AS dependencies", "${PYTHON_IMAGE}"]
     assert not re.search(r"sha256:[0-9a-f]", DOCKERFILE.read_text()), "a digest is passed at build time, not guessed"
     assert _all("USER") == ["10001:10001"]
     assert [name for name, _ in _instructions()][-5:] == ["USER", "EXPOSE", "STOPSIGNAL", "HEALTHCHECK", "CMD"]
@@ -66,12 +66,18 @@ def test_the_image_is_pinned_non_root_and_stops_and_checks_itself_as_documented(
     assert env["HOST"] == "0.0.0.0"
     assert env["PYTHONDONTWRITEBYTECODE"] == "1"
     (run,) = [args for args in _all("RUN") if "pip install" in args]
-    assert "pip install --require-hashes --no-deps --no-cache-dir -r /tmp/requirements/install.txt" in run
+    install = (
+        '/opt/venv/bin/pip install --require-hashes --no-deps --no-cache-dir "$@" -r /tmp/requirements/install.txt'
+    )
+    assert install in run
+    assert "true) set -- --no-index --find-links /tmp/wheels ;;" in run  # OFFLINE=true: the wheelhouse alone
     for extra in ("fast", "metrics", "redis"):
-        assert f"ARG WITH_{extra.upper()}=false" in DOCKERFILE.read_text()
-        assert f'"{extra}=$WITH_{extra.upper()}"' in run
-    assert "requirements-$name.txt" in run
-    assert {args.split()[0] for args in _all("COPY")} == {"requirements*.txt", "*.py"}
+        argument = f"WITH_{extra.upper()}"
+        assert f"ARG {argument}=false" in DOCKERFILE.read_text()
+        assert f'extra {extra} "${argument}" {argument};' in run  # the message names the argument as spelled
+    assert "requirements-$1.txt" in run
+    assert {args.split()[0] for args in _all("COPY")} == {"requirements*.txt", "wheels/", "--from=dependencies", "*.py"}
+    assert env["PATH"] == "/opt/venv/bin:$PATH"
 
 
 def test_the_healthcheck_calls_healthz_with_the_standard_library(service: Any, tmp_path: Path) -> None:
@@ -86,6 +92,7 @@ def test_the_healthcheck_calls_healthz_with_the_standard_library(service: Any, t
     down = subprocess.run(run, env={"PORT": str(free_port())}, capture_output=True, text=True, timeout=20)
     assert down.returncode == 1
     assert "--timeout=5s" in options
+    assert "--interval=5s" in options  # Docker's first check comes one interval after the start
 
 
 def _context_rules() -> list[tuple[bool, re.Pattern[str]]]:
@@ -115,7 +122,9 @@ def test_the_build_context_holds_the_service_files_only(tmp_path: Path) -> None:
     modules = {p.name for p in ROOT.glob("*.py")}
     assert {"app.py", "server.py", "config.py"} <= modules
     runtime = {p.name for p in ROOT.glob("requirements*.txt")} - {"requirements-dev.txt"}
-    assert context == modules | runtime
+    wheelhouse = {p.relative_to(ROOT).as_posix() for p in (ROOT / "wheels").iterdir()}
+    assert "wheels/README.md" in wheelhouse
+    assert context == modules | runtime | wheelhouse
     for kept_out in (".env", ".venv/bin/python", "tests/conftest.py", "bench/run.py", "requirements-dev.txt"):
         assert not _in_context(kept_out, rules), kept_out
 
@@ -172,6 +181,9 @@ def test_systemd_analyze_security_rates_the_unit_below_the_threshold(tmp_path: P
     score = re.search(r"Overall exposure level for groq-proxy\.service: (\d+\.\d+)", result.stdout)
     assert score, result.stdout
     assert float(score.group(1)) <= SECURITY_THRESHOLD
+    stated = re.search(r'rates an exposure of (\d+\.\d+) \("OK"\)', (ROOT / "README.md").read_text())
+    assert stated, "README.md states the unit's score"
+    assert stated.group(1) == score.group(1), "README.md states the score systemd-analyze prints"
 
 
 def test_nginx_is_sse_safe_and_retries_only_what_never_reached_a_replica() -> None:
@@ -198,7 +210,12 @@ def test_compose_runs_two_replicas_redis_and_nginx_with_metrics_on() -> None:
     grace = int(re.findall(r"stop_grace_period: (\d+)s", COMPOSE)[0])
     assert grace > int(re.findall(r'SHUTDOWN_TIMEOUT: "(\d+)"', COMPOSE)[0])
     assert COMPOSE.count("read_only: true") == 3
-    assert "./nginx.conf:/etc/nginx/nginx.conf:ro" in COMPOSE
+    # Every service without capabilities or a way to gain privileges: the replicas' anchor, redis and nginx.
+    assert len(re.findall(r"cap_drop:\n +- ALL\n", COMPOSE)) == COMPOSE.count("cap_drop:") == 3
+    assert len(re.findall(r"security_opt:\n +- no-new-privileges:true\n", COMPOSE)) == 3
+    assert COMPOSE.count("build:") == 1, "one replica builds the image, the other runs the same tag"
+    # The folder is mounted, so an edited nginx.conf (a new file) is what nginx -s reload reads.
+    assert "- ./nginx:/etc/nginx:ro" in COMPOSE
 
 
 # Docker's --read-only --tmpfs /tmp, without Docker: in a private mount namespace the build context is
@@ -224,7 +241,8 @@ def test_the_image_files_run_on_a_read_only_root_filesystem(fake: Any, start_pro
     copied = sorted(p.name for p in context.iterdir())
     image_env = dict(pair.split("=", 1) for pair in shlex.split(" ".join(_all("ENV"))))
     env = {**image_env, **groq_env(fake), "SERVICE_API_KEYS": CLIENT_TOKEN, "PORT": str(free_port())}
-    env = {k: v for k, v in env.items() if k != "HOST"}  # 0.0.0.0 in the image; tests bind 127.0.0.1
+    # HOST is 0.0.0.0 in the image (tests bind 127.0.0.1); PATH names the image's venv (here: sys.prefix's).
+    env = {k: v for k, v in env.items() if k not in ("HOST", "PATH")}
     command = ["unshare", "--mount", "sh", "-c", _READ_ONLY, str(context), sys.prefix]
     service = start_process(env, command)
     headers = {"Authorization": f"Bearer {CLIENT_TOKEN}"}

