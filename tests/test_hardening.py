@@ -160,15 +160,21 @@ def test_allowed_models_are_enforced(fake: FakeGroq, start_service: Any) -> None
 
 def test_overload_answers_the_excess_at_once(fake: FakeGroq, start_service: Any) -> None:
     cap, extra = 4, 10
-    fake.default = Behaviour(delay=1.0)
+    hold = threading.Event()  # the admitted calls stay at Groq until every excess request has its answer
+    fake.default = Behaviour(hold=hold)
     service = start_service(groq_env(fake, MAX_CONCURRENCY=str(cap)))
     with ThreadPoolExecutor(cap + extra) as pool:
-        admitted = [pool.submit(httpx.post, service.url + "/chat", json=PROMPT, timeout=30) for _ in range(cap)]
-        deadline = time.monotonic() + 10
-        while len(fake.chat_requests()) < cap and time.monotonic() < deadline:
-            time.sleep(0.01)
-        excess = [pool.submit(httpx.post, service.url + "/chat", json=PROMPT, timeout=30) for _ in range(extra)]
-        refused = [f.result() for f in excess]
+        try:
+            admitted = [pool.submit(httpx.post, service.url + "/chat", json=PROMPT, timeout=30) for _ in range(cap)]
+            deadline = time.monotonic() + 10
+            while len(fake.chat_requests()) < cap:
+                assert time.monotonic() < deadline, "the admitted calls did not reach Groq"
+                time.sleep(0.01)
+            excess = [pool.submit(httpx.post, service.url + "/chat", json=PROMPT, timeout=30) for _ in range(extra)]
+            refused = [f.result() for f in excess]
+            assert not any(f.done() for f in admitted), "an admitted call ended before the excess was refused"
+        finally:
+            hold.set()
         accepted = [f.result() for f in admitted]
     assert [r.status_code for r in accepted] == [200] * cap
     for response in refused:
@@ -322,15 +328,22 @@ def test_cors_wildcard_never_allows_credentials(fake: FakeGroq, start_service: A
 
 
 def test_sigterm_lets_a_slow_request_finish_and_exits_zero(fake: FakeGroq, start_process: Any) -> None:
-    fake.default = Behaviour(delay=1.5)
+    hold = threading.Event()  # Groq answers only once the service has begun its shutdown
+    fake.default = Behaviour(hold=hold)
     proc = start_process(groq_env(fake))
     result: dict[str, httpx.Response] = {}
     request = threading.Thread(target=lambda: result.update(r=httpx.post(proc.url + "/chat", json=PROMPT, timeout=30)))
     request.start()
     deadline = time.monotonic() + 10
-    while not fake.chat_requests() and time.monotonic() < deadline:
+    while not fake.chat_requests():
+        assert time.monotonic() < deadline, "the request did not reach Groq"
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
+    while not any('"Shutting down"' in line for line in proc.lines):
+        assert time.monotonic() < deadline + 10, "SIGTERM did not start the shutdown"
+        time.sleep(0.01)
+    assert "r" not in result
+    hold.set()
     request.join(30)
     assert result["r"].status_code == 200
     assert proc.wait() == 0  # on its own, after the one signal

@@ -116,7 +116,8 @@ def test_a_second_ctrl_c_ends_running_requests_at_once(fake: FakeGroq, start_pro
 
 
 def test_a_request_that_finishes_in_time_is_not_cut(fake: FakeGroq, start_process: Any) -> None:
-    fake.default = Behaviour(delay=0.5)
+    hold = threading.Event()  # Groq answers only once the shutdown has begun, well inside SHUTDOWN_TIMEOUT
+    fake.default = Behaviour(hold=hold)
     proc = start_process(groq_env(fake, SHUTDOWN_TIMEOUT="5"))
     call = _Call(proc.url + "/chat", {"prompt": "hi"}, "in-time")
     deadline = time.monotonic() + 10
@@ -124,6 +125,10 @@ def test_a_request_that_finishes_in_time_is_not_cut(fake: FakeGroq, start_proces
         assert time.monotonic() < deadline
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
+    while not any('"Shutting down"' in line for line in proc.lines):
+        assert time.monotonic() < deadline + 10, "SIGTERM did not start the shutdown"
+        time.sleep(0.02)
+    hold.set()
     call.join()
     assert call.status == 200
     assert proc.wait() == 0
