@@ -102,6 +102,8 @@ class Stack:
         """README's steps 1-2 (or 5): mark the replica down (or not), reload nginx, wait for the old workers."""
         self.down = self.down | {name} if down else self.down - {name}
         self.write_nginx_conf()
+        seen = self.compose("exec", "-T", "nginx", "cat", "/etc/nginx/nginx.conf")
+        assert seen == (self.folder / "nginx" / "nginx.conf").read_text(), "nginx's container sees the old file"
         old = {pid for pid, _ in self.nginx_workers()}
         self.compose("exec", "-T", "nginx", "nginx", "-s", "reload")
 
