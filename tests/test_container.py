@@ -136,7 +136,7 @@ def test_the_image_with_all_three_extras_serves_metrics_and_a_quota_in_redis(
 
 
 def test_a_wrong_build_argument_is_named(docker: Docker) -> None:
-    result = docker.build("groq-proxy-test:wrong", "WITH_FAST=yes", check=False)
+    result = docker.build(docker.tag("wrong"), "WITH_FAST=yes", check=False)
     assert result.returncode != 0
     assert "build argument WITH_FAST must be true or false" in result.stdout + result.stderr
 
@@ -160,7 +160,7 @@ def test_the_systemd_recipe_installs_on_debian_12_with_redis(
 ) -> None:
     port = free_port()
     env = {**_env(fake, REDIS_URL=redis_server.url, QUOTA_REQUESTS_PER_MINUTE="1"), "PORT": str(port)}
-    options = ["--network", "host", "--label", "io.groq-proxy.test=1", "-v", f"{ROOT}:/src:ro"]
+    options = ["--network", "host", "--label", docker.label, "-v", f"{ROOT}:/src:ro"]
     for key, value in env.items():
         options += ["-e", f"{key}={value}"]
     name = docker.run("run", "-d", *options, docker.images["PYTHON_IMAGE"], "sh", "-c", _DEBIAN_INSTALL).stdout
