@@ -93,10 +93,11 @@ def test_no_fallback_after_groq_timeout(fake: FakeGroq, start_service: Any) -> N
 
 
 def test_the_chain_shares_one_groq_timeout(fake: FakeGroq, start_service: Any) -> None:
-    """A fails after 0.3 s, B would answer after 0.9 s: within GROQ_TIMEOUT=1 each, but not both."""
-    fake.behaviours[A] = groq_error(503, A, delay=0.3)
-    fake.behaviours[B] = Behaviour(delay=0.9)
-    service = start_service(groq_env(fake, FALLBACK_MODELS=f"{A}>{B}", GROQ_TIMEOUT="1"))
+    """A fails after 0.5 s, B would answer after 1.8 s: within GROQ_TIMEOUT=2 each, but not both. (B must be
+    asked before the deadline: 1.5 s of slack, so a busy machine still gets there.)"""
+    fake.behaviours[A] = groq_error(503, A, delay=0.5)
+    fake.behaviours[B] = Behaviour(delay=1.8)
+    service = start_service(groq_env(fake, FALLBACK_MODELS=f"{A}>{B}", GROQ_TIMEOUT="2"))
     assert_error(service.client.post("/chat", json=ASK_A), 504, "upstream_timeout")
     assert models_asked(fake) == [A, B]
     [access] = service.access_lines(1)
