@@ -138,11 +138,12 @@ def _replace_once(text: str, old: str, new: str) -> str:
     return text.replace(old, new)
 
 
-def _override(services: dict[str, dict[str, Any]], session: str) -> str:
-    """The override as YAML: host networking and the session's label for every service, then each one's own keys."""
+def _override(services: dict[str, dict[str, Any]], session: str, network_mode: str = "host") -> str:
+    """The override as YAML: the network mode (host: on 127.0.0.1) and the session's label for every service, then
+    each one's own keys."""
     lines = ["services:"]
     for name, keys in services.items():
-        lines += [f"  {name}:", "    network_mode: host", "    networks: !reset null"]
+        lines += [f"  {name}:", f"    network_mode: {network_mode}", "    networks: !reset null"]
         lines.append(f"    labels: {json.dumps({LABEL: session})}")
         for key, value in keys.items():
             text = value if isinstance(value, str) and value.startswith("!reset") else json.dumps(value)
@@ -205,16 +206,26 @@ def test_the_readme_rolling_restart_under_load_loses_no_request(stack: Any, fake
         assert any('"path": "/chat"' in line for line in logs[restarted:]), name
 
 
-def test_compose_builds_the_image_once(docker: Docker, tmp_path: Path) -> None:
+def test_compose_builds_the_image_once_and_both_replicas_run_it(docker: Docker, tmp_path: Path) -> None:
+    """`up --build` on the project's file: replica-a builds the tag (offline, as README's air-gapped build),
+    replica-b runs that tag, built nowhere else. Created, not started, with no network (nothing to talk to)."""
     (tmp_path / "groq-proxy.env").write_text(f"GROQ_API_KEY={API_KEY}\n")
     offline = {"PYTHON_IMAGE": docker.images["PYTHON_IMAGE"], "OFFLINE": "true"}
     build = {"context": str(ROOT), "network": "none", "args": offline}
-    override = {"services": {"replica-a": {"image": docker.tag("compose"), "build": build}}}
-    (tmp_path / "build.yaml").write_text(json.dumps(override))
+    tag = docker.tag("compose")
+    services: dict[str, dict[str, Any]] = {name: {"image": tag} for name in REPLICAS}
+    services["replica-a"]["build"] = build
+    (tmp_path / "build.yaml").write_text(_override(services, docker.session, network_mode="none"))
     files = ["-f", str(ROOT / "deploy" / "compose.yaml"), "-f", str(tmp_path / "build.yaml")]
-    project = ["-p", f"groq-proxy-test-{uuid.uuid4().hex[:8]}", "--project-directory", str(tmp_path)]
-    before = docker.image_id(docker.tag("compose"))
-    result = docker.run("compose", *project, *files, "build", timeout=300)
-    docker.drop_replaced(docker.tag("compose"), before)
-    built = re.findall(r"^ ?(\S+)\s+Built$", result.stdout + result.stderr, re.M)
-    assert built == ["replica-a"], result.stdout + result.stderr
+    project = f"groq-proxy-test-{uuid.uuid4().hex[:8]}"
+    compose = ["compose", "-p", project, "--project-directory", str(tmp_path), *files]
+    before = docker.image_id(tag)
+    try:
+        result = docker.run(*compose, "up", "--build", "--no-start", "--no-deps", *REPLICAS, timeout=300)
+        output = result.stdout + result.stderr
+        assert re.findall(r"^ ?(\S+)\s+Built$", output, re.M) == ["replica-a"], output
+        images = {docker.run("inspect", "-f", "{{.Image}}", f"{project}-{name}-1").stdout.strip() for name in REPLICAS}
+        assert images == {docker.image_id(tag)}
+    finally:
+        docker.run(*compose, "down", check=False)
+        docker.drop_replaced(tag, before)
