@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 from conftest import CLIENT_TOKEN, ROOT, free_port, groq_env
 from containers import Docker, wait_until
 from fake_groq import Behaviour, FakeGroq
@@ -20,6 +21,7 @@ from redis_server import RedisServer
 
 HEADERS = {"Authorization": f"Bearer {CLIENT_TOKEN}"}
 CONTENT = "Hello from the fake Groq server."
+pytestmark = pytest.mark.slow
 
 
 def _env(fake: FakeGroq, **overrides: str) -> dict[str, str]:
