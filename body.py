@@ -68,9 +68,10 @@ def _loads(data: bytes) -> Any:
     try:
         return json.loads(data)
     except RecursionError:
+        message = f"body nests lists and objects more than about {_PARSE_DEPTH:,} levels deep"
         raise errors.ValidationError(
-            f"The body nests lists and objects more than about {_PARSE_DEPTH:,} levels deep; free-form values"
-            f" (tool parameters, schemas) may nest at most {MAX_JSON_DEPTH} levels."
+            f"The {message}; free-form values (tool parameters, schemas) may nest at most {MAX_JSON_DEPTH} levels.",
+            details=({"field": "body", "message": message},),
         ) from None
     finally:
         sys.setrecursionlimit(limit)

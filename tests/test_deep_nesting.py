@@ -1,5 +1,5 @@
 """A body nested deeper than Python's default recursion limit lets json parse (~1,000 levels) is still valid
-JSON: 422 naming the field that nests too deep, or, past what the service parses at all, 422 saying so. Over
+JSON: 422 naming the field that nests too deep, or, past what the service parses at all, 422 naming the body. Over
 `python app.py` (the main thread's stack), which stays up."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import httpx
 from conftest import Process, groq_env
 from fake_groq import FakeGroq
 
+TOO_DEEP_DETAIL = "nests lists and objects more than about 10,000 levels deep"
 MESSAGES = b'"messages": [{"role": "user", "content": "x"}]'
 TOO_DEEP = (
     "The body nests lists and objects more than about 10,000 levels deep; free-form values (tool parameters,"
@@ -48,7 +49,8 @@ def test_deep_bodies_get_422_and_the_service_stays_up(fake: FakeGroq, start_proc
     assert error["details"] == [{"field": "prompt", "message": "prompt must be a non-empty string (got a list)"}]
     for path, depth in [("/chat", 9_999), ("/v1/chat/completions", 9_999), ("/chat", 20_000)]:
         error = _error(_post(proc, path, b"[" * depth + b"]" * depth))
-        assert error["message"] == TOO_DEEP and "details" not in error
+        assert error["message"] == TOO_DEEP
+        assert error["details"] == [{"field": "body", "message": "body " + TOO_DEEP_DETAIL}]
     assert httpx.get(proc.url + "/healthz", timeout=10).status_code == 200  # the process is still there
     assert fake.chat_requests() == []
     proc.send_signal(signal.SIGTERM)
