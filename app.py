@@ -22,13 +22,12 @@ from starlette.routing import Route
 import body
 import errors
 import lifetimes
-import logging_config
 import shutdown
 import streaming
-from config import Settings, SettingsError, load_settings
+from config import Settings
 from llm import Upstream
 from middleware import CLIENT, LOG_FIELDS, REQUESTED, Authorize, Cors, RequestLog, elapsed_ms, http_error, service_error
-from sdk_validation import parse_completion
+from sdk_validation import check_model_id, parse_completion
 from validation import parse_chat
 
 if TYPE_CHECKING:
@@ -51,6 +50,8 @@ def create_app(settings: Settings) -> Starlette:
         Route("/v1/chat/completions", service.completions, methods=["POST"]),
         Route("/openai/v1/models", service.models),
         Route("/v1/models", service.models),
+        Route("/openai/v1/models/{model:path}", service.models),  # model ids hold slashes, sent unescaped
+        Route("/v1/models/{model:path}", service.models),
     ]
     observe = None
     if settings.metrics:  # prometheus-client is optional: imported only when asked for
@@ -158,10 +159,11 @@ class Service:
         fields = self._log_request(request, model, chat.messages, chat.stream)
         await self._admit(request, chat.params.get("max_tokens") or chat.params.get("max_completion_tokens"))
         chain = self.fallbacks.chain(model, request.scope) if self.fallbacks else None
+        limits: list[tuple[str, str]] = []  # Groq's x-ratelimit-*, passed on (quota.py swaps in its own)
         if chat.stream:
             fields["stream"] = True
             self._acquire()
-            pieces = upstream.chat_stream(chat.messages, model, chat.params, chain)
+            pieces = upstream.chat_stream(chat.messages, model, chat.params, chain, limits)
             return await streaming.start(
                 pieces,
                 streaming.chat_encoder(fields),
@@ -169,15 +171,15 @@ class Service:
                 fields,
                 self._release,
                 request.receive,
+                limits,
             )
         with self._slot(fields):
-            result = await lifetimes.while_connected(
-                request.receive, upstream.chat(chat.messages, model, chat.params, chain)
-            )
+            call = upstream.chat(chat.messages, model, chat.params, chain, limits)
+            result = await lifetimes.while_connected(request.receive, call)
         streaming.log_result(
             fields, result.model, result.usage, fields.get("completion") is not None and result.content
         )
-        return _json(result.answer())
+        return _json(result.answer(), headers=limits)
 
     async def completions(self, request: Request) -> Response:
         """The groq and openai SDKs' own route: Groq's body and stream relayed as Groq sent them."""
@@ -187,27 +189,36 @@ class Service:
         body = completion.body
         await self._admit(request, body.get("max_completion_tokens") or body.get("max_tokens"))
         chain = self.fallbacks.chain(completion.model, request.scope) if self.fallbacks else None
+        limits: list[tuple[str, str]] = []  # Groq's x-ratelimit-*, passed on (quota.py swaps in its own)
         if completion.stream:
             fields["stream"] = True
             self._acquire()
             body, strip_usage = self.quota.ask_for_usage(body) if self.quota else (body, False)
-            events, encode = upstream.stream_events(body, chain), streaming.relay_encoder(fields, strip_usage)
+            events, encode = upstream.stream_events(body, chain, limits), streaming.relay_encoder(fields, strip_usage)
             return await streaming.start(
-                events, encode, streaming.openai_error_event, fields, self._release, request.receive
+                events, encode, streaming.openai_error_event, fields, self._release, request.receive, limits
             )
         with self._slot(fields):
-            raw, data = await lifetimes.while_connected(request.receive, upstream.complete(completion.body, chain))
+            call = upstream.complete(completion.body, chain, limits)
+            raw, data = await lifetimes.while_connected(request.receive, call)
         streaming.note_completion(fields, data)
-        return Response(raw, media_type=_JSON)
+        return Response(raw, headers=dict(limits), media_type=_JSON)
 
     async def models(self, request: Request) -> Response:
+        """The model list, narrowed to the allowed models; or one model (`model` in the path), 404 outside them."""
+        model_id, allowed = request.path_params.get("model"), self._allowed_models(request)
         await self._admit(request, 0)
+        upstream = self._upstream()
+        limits: list[tuple[str, str]] = []  # Groq's x-ratelimit-*, passed on (quota.py swaps in its own)
+        model_id = None if model_id is None else check_model_id(model_id, allowed)
         with self._slot(request.scope[LOG_FIELDS]):
-            listing = await lifetimes.while_connected(request.receive, self._upstream().models())
-        allowed = self._allowed_models(request)
+            if model_id is not None:
+                model = await lifetimes.while_connected(request.receive, upstream.model(model_id, limits))
+                return _json(model, headers=limits)
+            listing = await lifetimes.while_connected(request.receive, upstream.models(limits))
         if allowed and isinstance(listing.get("data"), list):
             listing["data"] = [m for m in listing["data"] if isinstance(m, dict) and m.get("id") in allowed]
-        return _json(listing)
+        return _json(listing, headers=limits)
 
     def _log_request(self, request: Request, model: str, messages: object, stream: bool) -> dict[str, Any]:
         fields: dict[str, Any] = request.scope[LOG_FIELDS]
@@ -259,24 +270,16 @@ class Service:
         return await body.read_json(request, limit=self.settings.max_body_bytes, timeout=self.settings.client_timeout)
 
 
-def _json(payload: dict[str, Any], status: int = 200) -> Response:
-    return Response(errors.encode_json(payload), status, media_type=_JSON)
-
-
-def configure_from_environment() -> tuple[Settings, dict[str, Any]]:
-    """Read the settings and set up logging once at start-up; an invalid value ends the process with one line."""
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        raise SystemExit(logging_config.fatal_line(f"configuration error: {exc}", fmt=exc.log_format)) from None
-    log_config = logging_config.configure(level=settings.log_level, fmt=settings.log_format, secrets=settings.secrets())
-    return settings, log_config
+def _json(payload: dict[str, Any], status: int = 200, headers: list[tuple[str, str]] | None = None) -> Response:
+    return Response(errors.encode_json(payload), status, headers=dict(headers or ()), media_type=_JSON)
 
 
 @functools.cache
 def _app_from_environment() -> Starlette:
     """`app:app` for `python -m uvicorn` and for each worker: settings and logging set up on first use."""
-    return create_app(configure_from_environment()[0])
+    import server  # it imports this module, so not at the top
+
+    return create_app(server.configure_from_environment()[0])
 
 
 def __getattr__(name: str) -> Any:

@@ -15,6 +15,9 @@ ServiceError                      500 internal_error (fixed message; the cause i
 ├── ShuttingDown                  503 shutting_down (still running at the shutdown deadline)
 └── from Groq (raised by llm.py): UpstreamRejected (Groq's 400/404/413/422), UpstreamAuth 502,
     RateLimited 429, UpstreamError 502, UpstreamUnreachable 502, UpstreamTimeout 504
+
+On the SDK routes an error that carries `sdk_error` (Groq's own error object, or one the service writes in
+Groq's form) answers with that object and `sdk_status` instead of the envelope; `/chat` keeps the envelope.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ class ServiceError(Exception):
         retry_after: str | None = None,
         details: tuple[dict[str, str], ...] = (),
         headers: dict[str, str] | None = None,
+        sdk_error: dict[str, object] | None = None,
+        sdk_status: int | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -47,6 +52,12 @@ class ServiceError(Exception):
         self.headers = dict(headers or {})
         if retry_after is not None:
             self.headers["Retry-After"] = retry_after
+        self.sdk_error = sdk_error  # message, type, code, param: what the SDK routes answer in place of the envelope
+        self.sdk_status = sdk_status  # with sdk_error: Groq's status, for the SDK routes
+        self.rate_limits: list[tuple[str, str]] = []  # Groq's x-ratelimit-* headers, when Groq answered
+
+    def status_for(self, *, openai: bool) -> int:
+        return self.sdk_status if openai and self.sdk_error is not None and self.sdk_status else self.status
 
     def body(self, request_id: str, *, openai: bool = False) -> bytes:
         """The error envelope; `openai=True` adds `code`, which the OpenAI and groq SDKs read.
@@ -55,7 +66,9 @@ class ServiceError(Exception):
         client's field name or Groq's message) is written as its JSON escape.
         """
         error: dict[str, object] = {"type": self.type, "message": self.message, "request_id": request_id}
-        if openai:
+        if openai and self.sdk_error is not None:
+            error = {**self.sdk_error, "request_id": request_id}
+        elif openai:
             error["code"] = self.code or self.type
         details = list(self.details)
         while True:

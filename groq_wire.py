@@ -66,7 +66,9 @@ def split_events(buffer: bytes, secret: str) -> tuple[list[tuple[bytes, Any]], b
                 error = parsed.get("error") if isinstance(parsed, dict) else None
                 message = error.get("message") if isinstance(error, dict) else error
                 detail = f": {mask(message, secret)[:500]}" if isinstance(message, str) and message else ""
-                raise errors.UpstreamError(f"Groq reported an error during the stream{detail}")
+                raise errors.UpstreamError(
+                    f"Groq reported an error during the stream{detail}", sdk_error=sdk_error(error, secret)
+                )
             if not _well_formed(parsed):
                 raise errors.UpstreamError("Groq sent a stream event of an unexpected shape; try again.")
             events.append((block, parsed))
@@ -97,6 +99,14 @@ def model_list(raw: bytes) -> dict[str, Any]:
     models = data.get("data")
     if not (isinstance(models, list) and all(isinstance(m, dict) and isinstance(m.get("id"), str) for m in models)):
         raise errors.UpstreamError("Groq sent a model list of an unexpected shape; try again.")
+    return data
+
+
+def model_object(raw: bytes) -> dict[str, Any]:
+    """One of Groq's model objects, with a text `id`."""
+    data = json_object(raw)
+    if not isinstance(data.get("id"), str):
+        raise errors.UpstreamError("Groq sent a model object of an unexpected shape; try again.")
     return data
 
 
@@ -174,7 +184,9 @@ def mapped_errors(secret: str) -> Iterator[None]:
     except (TimeoutError, groq.APITimeoutError, httpx.TimeoutException) as exc:
         raise errors.UpstreamTimeout("Groq did not answer in time; try again or raise GROQ_TIMEOUT.") from exc
     except groq.APIStatusError as exc:
-        raise status_error(exc.status_code, exc.body, exc.response.headers, secret) from exc
+        error = status_error(exc.status_code, exc.body, exc.response.headers, secret)
+        error.rate_limits = rate_limits(exc.response.headers)  # passed on, as on a success
+        raise error from exc
     except groq.APIConnectionError as exc:
         raise errors.UpstreamUnreachable("Groq could not be reached; check the network or GROQ_BASE_URL.") from exc
     except httpx.TransportError as exc:
@@ -182,20 +194,42 @@ def mapped_errors(secret: str) -> Iterator[None]:
 
 
 def status_error(status: int, body: object, headers: httpx.Headers, secret: str) -> errors.ServiceError:
+    """Our error for Groq's; on the SDK routes Groq's own error object and status, but for 401/403 and 498."""
     error = body.get("error") if isinstance(body, dict) else None
     message = error.get("message") if isinstance(error, dict) else None
     groq_message = mask(message, secret)[:1000] if isinstance(message, str) and message else None
+    groq_error = sdk_error(error, secret)
     if status in (400, 404, 413, 422):
-        return errors.UpstreamRejected(groq_message or f"Groq rejected the request (HTTP {status}).", status=status)
+        message = groq_message or f"Groq rejected the request (HTTP {status})."
+        return errors.UpstreamRejected(message, status=status, sdk_error=groq_error, sdk_status=status)
     if status in (401, 403):
         return errors.UpstreamAuth(f"Groq refused the service's key (HTTP {status}); the operator must check it.")
     if status == 429:
         message = groq_message or "Groq's rate limit was reached; retry later."
-        return errors.RateLimited(message, retry_after=retry_after(headers))
+        return errors.RateLimited(message, retry_after=retry_after(headers), sdk_error=groq_error, sdk_status=status)
     if status == 498:
         message = "Groq's flex tier is at capacity (HTTP 498); retry later, or use another service_tier."
         return errors.UpstreamBusy(message, retry_after=retry_after(headers))
-    return errors.UpstreamError(f"Groq answered HTTP {status}; try again later.")
+    message = f"Groq answered HTTP {status}; try again later."
+    return errors.UpstreamError(message, sdk_error=groq_error, sdk_status=status)
+
+
+def sdk_error(error: object, secret: str) -> dict[str, object] | None:
+    """Groq's error object as the SDK routes pass it on: its message (the service's key masked), type, code and
+    param, each text or null (as OpenAI's API writes them); None when Groq sent no error object with a message."""
+    message = error.get("message") if isinstance(error, dict) else None
+    if not isinstance(error, dict) or not isinstance(message, str) or not message:
+        return None
+    passed: dict[str, object] = {"message": mask(message, secret)[:1000]}
+    for key in ("type", "code", "param"):
+        value = error.get(key)
+        passed[key] = mask(value, secret)[:200] if isinstance(value, str) and value else None
+    return passed
+
+
+def rate_limits(headers: httpx.Headers) -> list[tuple[str, str]]:
+    """Groq's x-ratelimit-* headers, to pass on when the service has no quota of its own."""
+    return [(k, v) for k, v in headers.items() if k.startswith("x-ratelimit-") and len(v) <= 128][:16]
 
 
 def retry_after(headers: httpx.Headers) -> str | None:

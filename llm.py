@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator
 from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import quote
 
 import anyio
 import groq
@@ -32,6 +34,7 @@ MODELS_PATH = "/openai/v1/models"
 _INCLUDE_USAGE = {"include_usage": True}
 _MAX_EVENT_BYTES = 4 * 1024 * 1024  # one SSE event; a stream never needs to buffer more
 Messages = list[dict[str, str]]
+RateLimits = list[tuple[str, str]] | None  # a list to add Groq's x-ratelimit-* headers to, or None: not wanted
 
 
 class Upstream:
@@ -95,28 +98,52 @@ class Upstream:
         client = self._clients[shard] = groq.AsyncGroq(**self._client_options, http_client=http_client)
         return client
 
-    async def complete(self, body: dict[str, Any], chain: Chain | None = None) -> tuple[bytes, dict[str, Any]]:
+    async def complete(
+        self, body: dict[str, Any], chain: Chain | None = None, rate_limits: RateLimits = None
+    ) -> tuple[bytes, dict[str, Any]]:
         """POST a chat completion (to each model of a FALLBACK_MODELS chain in turn); Groq's raw body, parsed too."""
-        raw = await (self._post(body) if chain is None else chain.complete(self._post, body))
+        post = functools.partial(self._post, rate_limits=rate_limits)
+        raw = await (post(body) if chain is None else chain.complete(post, body))
         return raw, groq_wire.completion(raw)
 
     async def chat(
-        self, messages: Messages, model: str, params: dict[str, Any], chain: Chain | None = None
+        self,
+        messages: Messages,
+        model: str,
+        params: dict[str, Any],
+        chain: Chain | None = None,
+        rate_limits: RateLimits = None,
     ) -> ChatResult:
-        _, data = await self.complete({"messages": messages, "model": model, **params}, chain)
+        _, data = await self.complete({"messages": messages, "model": model, **params}, chain, rate_limits)
         result = groq_wire.result(data)
         return result if _shows_reasoning(params) else dataclasses.replace(result, reasoning=None)
 
-    async def models(self) -> dict[str, Any]:
-        return groq_wire.model_list(await self._call(MODELS_PATH, None))
+    async def models(self, rate_limits: RateLimits = None) -> dict[str, Any]:
+        return groq_wire.model_list(await self._call(MODELS_PATH, None, rate_limits=rate_limits))
+
+    async def model(self, model_id: str, rate_limits: RateLimits = None) -> dict[str, Any]:
+        """One model's object; the id (sdk_validation.check_model_id's) goes into the path escaped, slashes kept."""
+        path = f"{MODELS_PATH}/{quote(model_id)}"
+        return groq_wire.model_object(await self._call(path, None, rate_limits=rate_limits))
 
     def _post(
-        self, body: dict[str, Any], *, retries: int | None = None, deadline: float | None = None
+        self,
+        body: dict[str, Any],
+        *,
+        retries: int | None = None,
+        deadline: float | None = None,
+        rate_limits: RateLimits = None,
     ) -> Awaitable[bytes]:
-        return self._call(CHAT_PATH, body, retries=retries, deadline=deadline)
+        return self._call(CHAT_PATH, body, retries=retries, deadline=deadline, rate_limits=rate_limits)
 
     async def _call(
-        self, path: str, body: dict[str, Any] | None, *, retries: int | None = None, deadline: float | None = None
+        self,
+        path: str,
+        body: dict[str, Any] | None,
+        *,
+        retries: int | None = None,
+        deadline: float | None = None,
+        rate_limits: RateLimits = None,
     ) -> bytes:
         """`retries` replaces GROQ_MAX_RETRIES for this call, `deadline` (loop time) GROQ_TIMEOUT from now."""
         options: groq.RequestOptions = {} if retries is None else {"max_retries": retries}
@@ -124,17 +151,27 @@ class Upstream:
             timeout = asyncio.timeout(self._timeout) if deadline is None else asyncio.timeout_at(deadline)
             async with self._client() as client, timeout:
                 if body is None:
-                    return (await client.get(path, cast_to=httpx.Response)).content
-                return (await client.post(path, body=body, cast_to=httpx.Response, options=options)).content
+                    response = await client.get(path, cast_to=httpx.Response)
+                else:
+                    response = await client.post(path, body=body, cast_to=httpx.Response, options=options)
+        if rate_limits is not None:
+            rate_limits += groq_wire.rate_limits(response.headers)
+        return response.content
 
     def stream_events(
-        self, body: dict[str, Any], chain: Chain | None = None
+        self, body: dict[str, Any], chain: Chain | None = None, rate_limits: RateLimits = None
     ) -> AsyncGenerator[list[tuple[bytes, Any]]]:
         """Groq's stream (from each model of a FALLBACK_MODELS chain in turn, until one starts): see `_events`."""
-        return self._events(body) if chain is None else chain.stream(self._events, body)
+        events = functools.partial(self._events, rate_limits=rate_limits)
+        return events(body) if chain is None else chain.stream(events, body)
 
     async def _events(
-        self, body: dict[str, Any], *, retries: int | None = None, deadline: float | None = None
+        self,
+        body: dict[str, Any],
+        *,
+        retries: int | None = None,
+        deadline: float | None = None,
+        rate_limits: RateLimits = None,
     ) -> AsyncGenerator[list[tuple[bytes, Any]]]:
         """Yield, per read from Groq, its complete SSE events as (raw event without its blank line, parsed data).
 
@@ -160,6 +197,8 @@ class Upstream:
                             options=options,
                         ),
                     )
+                if rate_limits is not None:  # filled before the first events, so they can go in the answer's head
+                    rate_limits += groq_wire.rate_limits(response.headers)
                 try:
                     reads = response.aiter_bytes()
                     pending, done = b"", False
@@ -182,7 +221,12 @@ class Upstream:
                         await response.aclose()
 
     async def chat_stream(
-        self, messages: Messages, model: str, params: dict[str, Any], chain: Chain | None = None
+        self,
+        messages: Messages,
+        model: str,
+        params: dict[str, Any],
+        chain: Chain | None = None,
+        rate_limits: RateLimits = None,
     ) -> AsyncGenerator[list[Delta] | ChatResult]:
         """Yield lists of reasoning and text deltas (one list per read from Groq), then the final ChatResult.
 
@@ -192,7 +236,7 @@ class Upstream:
         final: dict[str, Any] = {"model": model}
         finish_reason, first, shows_reasoning = None, True, _shows_reasoning(params)
         body = {"messages": messages, "model": model, **params, "stream_options": _INCLUDE_USAGE}
-        async with contextlib.aclosing(self.stream_events(body, chain)) as stream:
+        async with contextlib.aclosing(self.stream_events(body, chain, rate_limits)) as stream:
             async for events in stream:
                 deltas: list[Delta] = []
                 for _, data in events:

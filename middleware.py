@@ -228,10 +228,13 @@ class Cors(CORSMiddleware):
 
 
 def error_response(error: ServiceError, scope: Scope) -> Response:
-    """The envelope; on the SDK routes it also carries `code`, which the OpenAI and groq SDKs read."""
+    """The envelope; on the SDK routes it also carries `code`, which the OpenAI and groq SDKs read, or it is Groq's
+    own error object (`ServiceError.sdk_error`) with Groq's status."""
     request_id = logging_config.REQUEST_ID.get() or ""
-    body = error.body(request_id, openai=is_sdk_route(scope))
-    return Response(body, error.status, headers=error.headers, media_type="application/json")
+    openai = is_sdk_route(scope)
+    body = error.body(request_id, openai=openai)
+    headers = {**error.headers, **dict(error.rate_limits)}  # Groq's x-ratelimit-*: quota.QuotaGate swaps in its own
+    return Response(body, error.status_for(openai=openai), headers=headers, media_type="application/json")
 
 
 def is_sdk_route(scope: Scope) -> bool:

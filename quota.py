@@ -25,6 +25,7 @@ QUOTA = "service.quota"  # scope key: this request's `Admission`, filled by `Quo
 GROQ_ROUTES = frozenset(
     {"/chat", "/openai/v1/chat/completions", "/v1/chat/completions", "/openai/v1/models", "/v1/models"}
 )
+MODEL_ROUTES = ("/openai/v1/models/", "/v1/models/")  # and a model's id
 _NAMES = ("", "requests_per_minute", "tokens_per_minute", "tokens_per_day")
 NEVER = -1.0
 _NOT_SENT = frozenset(e.type for e in (errors.Overloaded, errors.NotConfigured))  # the service refused: refund all
@@ -180,15 +181,15 @@ class Quota:
 
 class QuotaGate:
     """Innermost middleware on the Groq-calling routes: the x-ratelimit-* headers on every answer (a stream's
-    included), and the settlement before the piece carrying Groq's usage (or the last piece) goes out, so the
-    client's next request normally meets it; for an answer that never ends, once the request is over."""
+    included; in place of Groq's), and the settlement before the piece carrying Groq's usage (or the last piece)
+    goes out, so the client's next request normally meets it; for an answer that never ends, once it is over."""
 
     def __init__(self, app: ASGIApp, quota: Quota) -> None:
         self.app = app
         self.quota = quota
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in GROQ_ROUTES:
+        if scope["type"] != "http" or not (scope["path"] in GROQ_ROUTES or scope["path"].startswith(MODEL_ROUTES)):
             return await self.app(scope, receive, send)
         admission = scope[QUOTA] = Admission()
 
@@ -197,7 +198,7 @@ class QuotaGate:
                 headers = admission.headers
                 if headers is None:
                     headers = await self.quota.peek(scope) if CLIENT in scope else []
-                message["headers"] = [*message.get("headers", ()), *headers]
+                message["headers"] = [*(h for h in message["headers"] if not h[0].startswith(b"x-ratelimit")), *headers]
             if admission.ticket is not None and _usage_known(message, scope[LOG_FIELDS]):
                 await self._settle(admission, scope)  # booked before the client can see the usage
             await send(message)

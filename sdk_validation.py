@@ -9,6 +9,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import errors
+from config import MODEL_PATTERN
 from validation import (
     GENERATION_PARAMS,
     GROQ_OPTIONS,
@@ -146,12 +148,14 @@ _DROPPED: dict[str, Validator] = {
     ),
 }
 _OPENAI_FIELDS = frozenset(OPENAI_PARAMS) | frozenset(_DROPPED)
+_FREE_FORM = frozenset({"parameters", "schema"})  # tools[].function.parameters, response_format.json_schema.schema
+_SHAPE_DEPTH = 8  # levels of objects and lists in the deepest shape (messages[].tool_calls[].function.*)
 
 
 def parse_completion(body: dict[str, Any], *, allowed_models: tuple[str, ...] = ()) -> CompletionRequest:
-    echoed = body.get("messages")  # a message echoed back from a response keeps its nulls: they mean "not set"
-    if isinstance(echoed, list) and all(isinstance(m, dict) for m in echoed):
-        body = {**body, "messages": [{k: v for k, v in m.items() if v is not None or k == "content"} for m in echoed]}
+    _remove_not_set(body, 0)
+    if isinstance(body.get("messages"), list):
+        body["messages"] = [_sent_back(m) if isinstance(m, dict) else m for m in body["messages"]]
     check = Checker(allowed_models)
     check.unknown_fields(body, _OPENAI_FIELDS)
     for name in ("model", "messages"):
@@ -162,6 +166,54 @@ def parse_completion(body: dict[str, Any], *, allowed_models: tuple[str, ...] = 
         if validator is not None and value is not None:
             validator(check, value, name)
     check.raise_if_any()
-    forwarded = {name: value for name, value in body.items() if value is not None and name not in _DROPPED}
+    forwarded = {name: value for name, value in body.items() if name not in _DROPPED}
     forwarded["messages"] = [{k: v for k, v in m.items() if k != "name"} for m in body["messages"]]  # Groq: 400
     return CompletionRequest(forwarded, body["model"], body.get("stream") is True)
+
+
+def _remove_not_set(value: Any, depth: int) -> None:
+    """`null` means "not set" anywhere the SDKs send it (they send it for every unset field): the key is removed,
+    in place. Not inside free-form JSON, where it is a value (a schema's `"default": null`), nor from lists; an
+    assistant's `content: null` stays, as Groq sends it beside tool calls. Past the levels our shapes have, kept."""
+    if isinstance(value, dict) and depth < _SHAPE_DEPTH:
+        for key in [k for k, v in value.items() if v is None and not (k == "content" and depth == 2)]:
+            del value[key]  # depth 2: body -> messages -> a message
+        for key, item in value.items():
+            if key not in _FREE_FORM:
+                _remove_not_set(item, depth + 1)
+    elif isinstance(value, list) and depth < _SHAPE_DEPTH:
+        for item in value:
+            _remove_not_set(item, depth + 1)
+
+
+def _sent_back(message: dict[str, Any]) -> dict[str, Any]:
+    """A message the openai SDK built from its own answer, without the SDK's bookkeeping: `parsed` (its reading of
+    the content), and each tool call's `index` (its place in the stream) and `function.parsed_arguments`."""
+    calls = message.get("tool_calls")
+    if isinstance(calls, list):
+        message = {**message, "tool_calls": [_call_sent_back(c) if isinstance(c, dict) else c for c in calls]}
+    return {k: v for k, v in message.items() if k != "parsed"}
+
+
+def _call_sent_back(call: dict[str, Any]) -> dict[str, Any]:
+    call = {k: v for k, v in call.items() if k != "index"}
+    if isinstance(call.get("function"), dict):
+        call["function"] = {k: v for k, v in call["function"].items() if k != "parsed_arguments"}
+    return call
+
+
+def check_model_id(model_id: str, allowed_models: tuple[str, ...]) -> str:
+    """The id of `GET .../models/{id}` (the rest of the path): outside the allowed models, or not a model id at all
+    (which Groq could read as another path), 404 as Groq answers an unknown model."""
+    if not model_id:  # `/v1/models/`: a trailing slash, as on every route
+        raise errors.NotFound("No route matches this path; the endpoints are listed in the README.")
+    segments = model_id.split("/")
+    if (
+        not MODEL_PATTERN.fullmatch(model_id)
+        or any(s in ("", ".", "..") for s in segments)
+        or (allowed_models and model_id not in allowed_models)
+    ):
+        message = "The model does not exist or you do not have access to it."
+        unknown: dict[str, object] = {"message": message, "type": "invalid_request_error", "code": "model_not_found"}
+        raise errors.NotFound(message, sdk_error=unknown, sdk_status=404)
+    return model_id

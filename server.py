@@ -26,8 +26,9 @@ from typing import Any
 
 import uvicorn
 
-from app import configure_from_environment, create_app
-from config import Settings
+import logging_config
+from app import create_app
+from config import Settings, SettingsError, load_settings
 from framing import H11_BUFFER_BYTES, GuardedProtocol
 from shutdown import Requests
 
@@ -100,6 +101,16 @@ def uvicorn_config(settings: Settings, app: Any, log_config: dict[str, Any] | No
         forwarded_allow_ips=settings.forwarded_allow_ips or None,
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout) + 1,  # the app ends its requests first
     )
+
+
+def configure_from_environment() -> tuple[Settings, dict[str, Any]]:
+    """Read the settings and set up logging once at start-up; an invalid value ends the process with one line."""
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        raise SystemExit(logging_config.fatal_line(f"configuration error: {exc}", fmt=exc.log_format)) from None
+    log_config = logging_config.configure(level=settings.log_level, fmt=settings.log_format, secrets=settings.secrets())
+    return settings, log_config
 
 
 def main() -> None:

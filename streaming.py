@@ -36,10 +36,12 @@ async def start(
     fields: dict[str, Any],
     release: Callable[[], None],
     receive: Receive,
+    head: list[tuple[str, str]] | None = None,
 ) -> Response:
     """Wait for the first piece while the client stays, then answer 200 with the event stream.
 
-    The caller holds a slot for it: `release` is called exactly once, however the stream ends.
+    The caller holds a slot for it: `release` is called exactly once, however the stream ends. `head`: more
+    headers for the answer, read once the first piece is in (Groq's x-ratelimit-*, filled by then).
     """
     started = time.perf_counter()
     close = _closer(pieces, release)
@@ -50,7 +52,7 @@ async def start(
         raise
     fields["upstream_ms"] = elapsed_ms(started)
     events = _relay(first, pieces, encode, error_event, fields, close)
-    return _EventStream(events, close, headers=_HEADERS)
+    return _EventStream(events, close, headers={**_HEADERS, **dict(head or ())})
 
 
 def _closer(pieces: AsyncGenerator[Any], release: Callable[[], None]) -> Callable[[], Awaitable[None]]:

@@ -14,6 +14,7 @@ import asyncio
 import json
 import threading
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,7 +54,7 @@ class Behaviour:
     reasoning_unasked: bool = False  # gpt-oss's default: reasoning sent even when the request did not ask
     hold: threading.Event | None = None  # answer only once this is set (waits at most 30 s)
     raw_events: list[bytes] | None = None  # a stream sends these (raw SSE bytes, one write each) instead
-    models_body: bytes | None = None  # on `fake.default`: sent verbatim for GET /openai/v1/models
+    models_body: bytes | None = None  # on `fake.default`: sent verbatim for GET /openai/v1/models (and /{model})
     hang_up: bool = False  # close the connection without answering (the client sees Groq as unreachable)
 
     def pieces(self) -> list[str]:
@@ -145,13 +146,17 @@ class FakeGroq:
         if headers.get("authorization") != f"Bearer {self.api_key}":
             error = {"message": "Invalid API Key", "type": "invalid_request_error", "code": "invalid_api_key"}
             return self._send_json(writer, 401, {"error": error})
-        if (method, path) == ("GET", MODELS_PATH) and self.default.models_body is not None:
+        if method == "GET" and path.startswith(MODELS_PATH) and self.default.models_body is not None:
             return self._send(writer, 200, self.default.models_body, "application/json")
         if (method, path) == ("GET", MODELS_PATH):
             if self.models_delay and await self._closed_during(path, self.models_delay, reader):
                 return False
-            data = [{"id": m, "object": "model", "created": 1, "owned_by": "fake", "active": True} for m in MODELS]
-            return self._send_json(writer, 200, {"object": "list", "data": data})
+            return self._send_json(writer, 200, {"object": "list", "data": [_model(m) for m in MODELS]})
+        if method == "GET" and path.startswith(MODELS_PATH + "/"):  # GET /openai/v1/models/{model}
+            model = urllib.parse.unquote(path.removeprefix(MODELS_PATH + "/"))
+            if model in MODELS:
+                return self._send_json(writer, 200, _model(model))
+            return self._send_json(writer, 404, {"error": groq_error(404, model).error})
         if (method, path) != ("POST", CHAT_PATH):
             error = {"message": "Unknown request URL", "type": "invalid_request_error", "code": "unknown_url"}
             return self._send_json(writer, 404, {"error": error})
@@ -189,7 +194,7 @@ class FakeGroq:
 
     async def _stream(self, body: dict[str, Any], b: Behaviour, reader: Any, writer: Any) -> bool:
         head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
-        head += f"x-request-id: {_REQ}\r\n\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in {**_RATE_HEADERS, **b.headers}.items()) + "\r\n"
         writer.write(head.encode())
         closed = asyncio.ensure_future(reader.read(1))  # the client closing its end shows up as EOF here
         events = list(_stream_events(body, b) if b.raw_events is None else b.raw_events)
@@ -272,6 +277,21 @@ _RATE_HEADERS = {
     "x-ratelimit-reset-requests": "6s",
     "x-ratelimit-reset-tokens": "7.66s",
 }
+
+
+def _model(model: str) -> dict[str, Any]:
+    """One of Groq's model objects, as GET /openai/v1/models lists it and GET /openai/v1/models/{model} answers."""
+    owner = model.split("/")[0] if "/" in model else "fake"
+    return {
+        "id": model,
+        "object": "model",
+        "created": 1,
+        "owned_by": owner,
+        "active": True,
+        "context_window": 131072,
+        "public_apps": None,
+        "max_completion_tokens": 65536,
+    }
 
 
 def _write_chunk(writer: Any, data: bytes) -> None:
@@ -422,7 +442,15 @@ _GROQ_ERRORS: dict[int, tuple[dict[str, Any], dict[str, str]]] = {
         {"message": "The model produced an invalid response; retry your request.", "type": "invalid_request_error"},
         {},
     ),
-    429: ({"message": _LIMIT_TEXT, "type": "tokens", "code": "rate_limit_exceeded"}, {"retry-after": "6"}),
+    429: (  # with the x-ratelimit-* of the minute's tokens spent, as Groq sends them on its 429 (§6)
+        {"message": _LIMIT_TEXT, "type": "tokens", "code": "rate_limit_exceeded"},
+        {
+            "retry-after": "6",
+            "x-ratelimit-limit-tokens": "15000",
+            "x-ratelimit-remaining-tokens": "3028",
+            "x-ratelimit-reset-tokens": "5.289s",
+        },
+    ),
     498: (
         {
             "message": "Flex tier capacity exceeded for model `{model}`; try again later.",
