@@ -163,7 +163,7 @@ def parse_completion(body: dict[str, Any], *, allowed_models: tuple[str, ...] = 
             check.fail(name, "is required")
     for name, value in body.items():
         validator = OPENAI_PARAMS.get(name) or _DROPPED.get(name)
-        if validator is not None and value is not None:
+        if validator is not None:
             validator(check, value, name)
     check.raise_if_any()
     forwarded = {name: value for name, value in body.items() if name not in _DROPPED}

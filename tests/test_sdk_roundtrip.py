@@ -177,6 +177,25 @@ def test_other_unknown_keys_are_still_refused(
     assert fake.received == []
 
 
+@pytest.mark.parametrize(
+    ("body", "field", "message"),
+    [
+        ({"model": MODEL, "messages": None}, "messages", "messages is required"),
+        ({"model": MODEL, "messages": "hi"}, "messages", "messages must be a list of 1 to 2048 items (got a string"),
+        (
+            {"model": MODEL, "messages": [*MESSAGES, {"role": "assistant", "tool_calls": [{**CALL, "function": "f"}]}]},
+            "messages[1].tool_calls[0].function",
+            "messages[1].tool_calls[0].function must be an object (got a string",
+        ),
+    ],
+)
+def test_bodies_of_other_shapes_are_422_not_500(proxy: Service, body: dict[str, Any], field: str, message: str) -> None:
+    response = post(proxy, body)
+    assert response.status_code == 422
+    [detail] = response.json()["error"]["details"]
+    assert detail["field"] == field and detail["message"].startswith(message)
+
+
 # Item 3: models.retrieve.
 
 
