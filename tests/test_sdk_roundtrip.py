@@ -381,3 +381,16 @@ def test_with_a_quota_the_services_own_headers_replace_groqs(fake: FakeGroq, sta
     response = post(service, {"model": MODEL, "messages": MESSAGES})
     assert response.status_code == 429 and response.json()["error"]["code"] == "rate_limit_exceeded"
     assert response.headers["retry-after"] == "6" and response.headers.get_list("x-ratelimit-limit-requests") == ["50"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_after_a_fallback_the_headers_are_the_answering_calls(fake: FakeGroq, start_service: Any, stream: bool) -> None:
+    fake.behaviours["openai/gpt-oss-120b"] = groq_error(429)  # its x-ratelimit-remaining-tokens: 3028
+    env = groq_env(fake, SERVICE_API_KEYS=CLIENT_TOKEN, FALLBACK_MODELS=f"openai/gpt-oss-120b>{MODEL}")
+    service = start_service(env)
+    body = {"model": "openai/gpt-oss-120b", "messages": MESSAGES, "stream": stream}
+    with service.client.stream("POST", "/v1/chat/completions", json=body, headers=AUTH) as response:
+        response.read()
+    assert response.status_code == 200
+    assert [r.body["model"] for r in fake.chat_requests()] == ["openai/gpt-oss-120b", MODEL]
+    assert {k: response.headers.get_list(k) for k in GROQ_LIMITS} == {k: [v] for k, v in GROQ_LIMITS.items()}
