@@ -160,7 +160,6 @@ class Service:
         chain = self.fallbacks.chain(model, request.scope) if self.fallbacks else None
         if chat.stream:
             fields["stream"] = True
-            self._acquire()
             pieces = upstream.chat_stream(chat.messages, model, chat.params, chain)
             return await streaming.start(
                 pieces,
@@ -189,7 +188,6 @@ class Service:
         chain = self.fallbacks.chain(completion.model, request.scope) if self.fallbacks else None
         if completion.stream:
             fields["stream"] = True
-            self._acquire()
             body, strip_usage = self.quota.ask_for_usage(body) if self.quota else (body, False)
             events, encode = upstream.stream_events(body, chain), streaming.relay_encoder(fields, strip_usage)
             return await streaming.start(
@@ -219,10 +217,14 @@ class Service:
         return fields
 
     async def _admit(self, request: Request, max_tokens: object) -> None:
-        """Quotas (quota.py), when set: reserve the request's tokens or refuse it with 429, before Groq is called.
-        quota.QuotaGate settles the reservation to Groq's usage (fields' token counts) when the answer is over."""
+        """A slot (freed by `_slot` or streaming.start) first, so `overloaded` spends no quota; then the quota's."""
+        self._acquire()
         if self.quota is not None:
-            await self.quota.admit(request.scope, request.scope.get(body.BODY_BYTES), max_tokens)
+            try:
+                await self.quota.admit(request.scope, request.scope.get(body.BODY_BYTES), max_tokens)
+            except BaseException:
+                self._release()
+                raise
 
     def _allowed_models(self, request: Request) -> tuple[str, ...]:
         client = request.scope.get(CLIENT)  # a SERVICE_KEYS_FILE entry may narrow ALLOWED_MODELS
@@ -230,7 +232,6 @@ class Service:
 
     @contextlib.contextmanager
     def _slot(self, fields: dict[str, Any]) -> Iterator[None]:
-        self._acquire()
         started = time.perf_counter()
         try:
             yield

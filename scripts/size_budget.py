@@ -44,9 +44,8 @@ FEATURE_MODULES = {  # what each optional feature adds, imported only when it is
 # configuration that fails closed (env_values.py), reasoning models, and the quota/metrics hooks; the features
 # add quotas (keys, quota, quota_local, quota_redis) and metrics. The last +10/+15: the review's shared helpers
 # (is_sdk_route, chunk_usage, one refusal envelope) and error-type sets named by their classes instead of strings.
-# The total's +140: quota_redis.py's own connections (settlements written, not waited for; redis-py's pool
-# path cost more CPU than the exchange; bounded, closed at shutdown even in use), and quota.py settling
-# before the usage reaches the client.
+# The total's +140: quota.py settling before the usage reaches the client, and quota_redis.py's Redis calls
+# (issue 22 returned them to redis-py's pool, under a deadline that counts only Redis's time, in the same lines).
 # Issue 26 (FALLBACK_MODELS): +75 in the default deployment for its parsing and start-up errors and llm.py's
 # per-call retries and deadline (the chain itself, fallback.py, loads only when set); the total's +205 with it.
 # Raise them again only with the change that needs it.
