@@ -48,9 +48,11 @@ FEATURE_MODULES = {  # what each optional feature adds, imported only when it is
 # (issue 22 returned them to redis-py's pool, under a deadline that counts only Redis's time, in the same lines).
 # Issue 26 (FALLBACK_MODELS): +75 in the default deployment for its parsing and start-up errors and llm.py's
 # per-call retries and deadline (the chain itself, fallback.py, loads only when set); the total's +205 with it.
+# +15 (issue 22): the in-process store's minute windows on the monotonic clock, and counts it forgets once past
+# their window as Redis expires its keys, so the two stores agree even after clock steps (a hypothesis test).
 # Raise them again only with the change that needs it.
 DEFAULT_BUDGET = 3035
-TOTAL_BUDGET = 4185
+TOTAL_BUDGET = 4200
 ROOT = Path(__file__).resolve().parent.parent
 
 
