@@ -38,8 +38,9 @@ class Local:
         rpm, tpm, tpd = limits
         refused, wait = 0, 0.0
         interval = self._minute / rpm if rpm else 0.0
-        # As the Lua script, whose clock (Redis's TIME) can step: a stored time at most one window ahead
-        tat = max(min(state.tat, now + self._minute), now) + (interval if commit else 0.0)
+        if state.tat > now + self._minute:  # as the Lua script, whose clock (Redis's TIME) can step back
+            state.tat, state.tat_ends = now + self._minute, now + self._minute + 1
+        tat = max(state.tat, now) + (interval if commit else 0.0)
         if rpm and tat - now > self._minute + 1e-9:
             refused, wait = _worse(refused, wait, 1, tat - self._minute - now)
         width = self._minute / 60
@@ -50,9 +51,8 @@ class Local:
         if tpm and minute_used + cost > tpm:
             refused, wait = _worse(refused, wait, 2, _minute_wait(state.buckets, minute_used + cost - tpm, width, now))
         day = math.floor(today / self._day)
-        if state.day != day:
-            state.day, state.day_used = day, 0
-        if tpd and state.day_used + cost > tpd:
+        day_used = state.day_used if state.day == day else 0  # a look changes nothing, as in Redis
+        if tpd and day_used + cost > tpd:
             refused, wait = _worse(refused, wait, 3, NEVER if cost > tpd else (day + 1) * self._day - today)
         if commit and not refused:
             if rpm:
@@ -62,15 +62,15 @@ class Local:
                 state.minute_ends = now + self._minute + 1
                 minute_used += cost
             if tpd:
-                state.day_used += cost
-                state.day_ends = (day + 1) * self._day + 1
+                day_used += cost
+                state.day, state.day_used, state.day_ends = day, day_used, (day + 1) * self._day + 1
         else:
             tat -= interval if commit else 0.0
         remaining = math.floor((self._minute - (tat - now)) / interval + 1e-9) if rpm else 0
         newest = max((b for b, used in state.buckets.items() if used), default=None)
         minute_reset = 0.0 if newest is None else (newest + 60) * width - now
         return Raw(
-            refused, wait, remaining, tat - now, minute_used, minute_reset, state.day_used,
+            refused, wait, remaining, tat - now, minute_used, minute_reset, day_used,
             (day + 1) * self._day - today, bucket, day,
         )  # fmt: skip
 

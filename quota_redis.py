@@ -41,8 +41,13 @@ local function worse(limit, w)
 end
 local interval = 0
 if rpm > 0 then interval = minute / rpm end
--- Redis's clock can step: a stored arrival time is clamped to now + the window, a bucket later than now forgotten
-local tat = math.max(math.min(tonumber(redis.call('GET', KEYS[1]) or '0'), now + minute), now)
+-- TIME can step back: an arrival time past now + the window is clamped (as if the burst was just used)
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat > now + minute then
+  tat = now + minute
+  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil(minute / 1000) + 1000)
+end
+tat = math.max(tat, now)
 if commit then tat = tat + interval end
 if rpm > 0 and tat - now > minute + 1 then worse(1, tat - minute - now) end
 local width = minute / 60
@@ -51,7 +56,7 @@ local entries = redis.call('HGETALL', KEYS[2])
 local buckets, used = {}, 0
 for i = 1, #entries, 2 do
   local b, n = tonumber(entries[i]), tonumber(entries[i + 1])
-  if b <= bucket - 60 or b > bucket then redis.call('HDEL', KEYS[2], entries[i])
+  if b <= bucket - 60 or b > bucket then redis.call('HDEL', KEYS[2], entries[i])  -- or stamped in the future
   else table.insert(buckets, {b, n}); used = used + n end
 end
 if tpm > 0 and used + cost > tpm then
@@ -141,8 +146,7 @@ class Shared:
         self._open = settings.quota_fail_mode == "open"
         self._minute = round(settings.quota_minute * 1e6)
         self._day = round(settings.quota_day * 1e6)
-        self._down = False
-        self._late = 0  # calls in a row past the deadline
+        self._down, self._late = False, 0  # an outage declared; calls in a row past the deadline
         self._settling: set[asyncio.Task[bool]] = set()  # settlements under way, which aclose lets finish
 
     async def admit(self, client: str, limits: Limits, cost: int, commit: bool) -> Raw | None:
@@ -162,9 +166,8 @@ class Shared:
         return raw  # type: ignore[no-any-return]
 
     async def settle(self, ticket: Ticket, tokens: int | None, refund_request: bool) -> bool:
-        """True once Redis booked it; False: the reservation stands. It runs in a task of its own, so cancelling
-        the request (the shutdown deadline) does not cut it: it ends within REDIS_TIMEOUT of having a connection,
-        and `aclose` waits for it."""
+        """True once Redis booked it, else the reservation stands. In a task of its own, so cancelling the request
+        (the shutdown deadline) does not cut it: it ends by its deadline, and `aclose` waits for it."""
         rpm, tpm, tpd = ticket.limits
         back = self._minute // rpm if refund_request and rpm else 0
         delta = 0 if tokens is None or not (tpm or tpd) else tokens - ticket.cost
@@ -182,8 +185,7 @@ class Shared:
 
     async def aclose(self) -> None:
         """Let the settlements under way finish (each within its deadline), then close every connection."""
-        if self._settling:
-            await asyncio.wait(set(self._settling))
+        await asyncio.gather(*self._settling)
         await self._client.aclose()
         await self._pool.aclose()
 
@@ -232,12 +234,10 @@ class Shared:
 
 
 class _Deadline:
-    """REDIS_TIMEOUT for one call, from when the pool hands it a connection (`_Pool.ensure_connection`).
-
-    asyncio's own timeout fires when its timer is due, even when the reply is already in the socket but the
-    loop was busy (40 requests parsing large bodies can keep it busy for longer than the deadline): this one
-    fires two passes of the loop's ready queue later, after the loop has polled its sockets since the time
-    was up (asyncio polls before its timers, uvloop after them), so a reply that had arrived is read first."""
+    """REDIS_TIMEOUT for one call, from when the pool hands it a connection (`_Pool.ensure_connection`). asyncio's
+    timeout fires when due even if the reply is in the socket but the loop was busy (40 requests parsing large
+    bodies can keep it busy longer than that); this one fires two passes of the ready queue later, once the loop
+    has polled its sockets (asyncio polls before its timers, uvloop after), so a reply that arrived is read first."""
 
     __slots__ = ("_over", "_seconds", "_task", "_timer", "expired", "started")
 
