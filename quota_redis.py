@@ -129,13 +129,13 @@ class Shared:
         assert settings.redis_url is not None
         self._timeout = settings.redis_timeout
         self._wait = max(1.0, 4 * self._timeout)  # for a free connection: past it, 503 overloaded
-        # No redis-py retries or socket_timeout (each send would cost a task): `_Deadline` bounds every call. No
-        # CLIENT SETINFO, RESP2 (no HELLO): a new connection costs no round trip beyond the URL's AUTH/SELECT.
+        # No redis-py retries, socket or connect timeouts (each send would cost a task, and a busy loop would fire
+        # them): `_Deadline` bounds every call, connecting included. No CLIENT SETINFO, RESP2 (no HELLO): a new
+        # connection costs no round trip beyond the URL's AUTH/SELECT.
         self._pool = _Pool.from_url(
             settings.redis_url,
             max_connections=min(settings.max_concurrency, 64),
             timeout=self._wait,
-            socket_connect_timeout=self._timeout,
             retry=Retry(NoBackoff(), 0),
             driver_info=None,
             protocol=2,
@@ -144,8 +144,7 @@ class Shared:
         self._admit_script = self._client.register_script(_ADMIT)
         self._settle_script = self._client.register_script(_SETTLE)
         self._open = settings.quota_fail_mode == "open"
-        self._minute = round(settings.quota_minute * 1e6)
-        self._day = round(settings.quota_day * 1e6)
+        self._minute, self._day = round(settings.quota_minute * 1e6), round(settings.quota_day * 1e6)
         self._down, self._late = False, 0  # an outage declared; calls in a row past the deadline
         self._settling: set[asyncio.Task[bool]] = set()  # settlements under way, which aclose lets finish
 
@@ -157,8 +156,7 @@ class Shared:
 
         raw = await self._call(admission)
         if raw is _BUSY:
-            message = "Too many requests are waiting for the quota store; retry in a second."
-            raise errors.Overloaded(message, retry_after="1")
+            raise errors.Overloaded("Too many requests wait for the quota store; retry in a second.", retry_after="1")
         if raw is _FAILED:
             if self._open:
                 return None
@@ -166,8 +164,7 @@ class Shared:
         return raw  # type: ignore[no-any-return]
 
     async def settle(self, ticket: Ticket, tokens: int | None, refund_request: bool) -> bool:
-        """True once Redis booked it, else the reservation stands. In a task of its own, so cancelling the request
-        (the shutdown deadline) does not cut it: it ends by its deadline, and `aclose` waits for it."""
+        """True once Redis booked it (else the reservation stands); in a task the request's cancellation cannot cut."""
         rpm, tpm, tpd = ticket.limits
         back = self._minute // rpm if refund_request and rpm else 0
         delta = 0 if tokens is None or not (tpm or tpd) else tokens - ticket.cost
@@ -184,7 +181,7 @@ class Shared:
         return self._open or await self._call(self._client.ping) is not _FAILED
 
     async def aclose(self) -> None:
-        """Let the settlements under way finish (each within its deadline), then close every connection."""
+        # the settlements under way finish first (each within its deadline), for requests the shutdown ended
         await asyncio.gather(*self._settling)
         await self._client.aclose()
         await self._pool.aclose()
@@ -234,15 +231,15 @@ class Shared:
 
 
 class _Deadline:
-    """REDIS_TIMEOUT for one call, from when the pool hands it a connection (`_Pool.ensure_connection`). asyncio's
-    timeout fires when due even if the reply is in the socket but the loop was busy (40 requests parsing large
-    bodies can keep it busy longer than that); this one fires two passes of the ready queue later, once the loop
-    has polled its sockets (asyncio polls before its timers, uvloop after), so a reply that arrived is read first."""
+    """REDIS_TIMEOUT for one call once the pool hands it a connection (`_Pool`), in ten steps, each armed when the
+    last ran, so time the loop ran late (busy with other requests: 40 parsing large bodies can keep it busy past
+    the whole deadline) is not counted; then it fires two passes of the ready queue later, once the loop has polled
+    its sockets (asyncio polls before timers, uvloop after), so a reply that arrived meanwhile is read first."""
 
-    __slots__ = ("_over", "_seconds", "_task", "_timer", "expired", "started")
+    __slots__ = ("_over", "_step", "_steps", "_task", "_timer", "expired", "started")
 
     def __init__(self, seconds: float) -> None:
-        self._seconds = seconds
+        self._step, self._steps = seconds / 10, 10
         self._task: asyncio.Task[Any] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.started = self.expired = self._over = False
@@ -250,8 +247,14 @@ class _Deadline:
     def start(self) -> None:
         if not self.started and self._task is not None:
             self.started = True
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(self._seconds, loop.call_soon, loop.call_soon, self._expire)
+            self._next(asyncio.get_running_loop())
+
+    def _next(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._steps:
+            self._steps -= 1
+            self._timer = loop.call_later(self._step, self._next, loop)
+        else:
+            loop.call_soon(loop.call_soon, self._expire)
 
     def _expire(self) -> None:
         if not self._over and self._task is not None:
@@ -264,7 +267,7 @@ class _Deadline:
             return await call()
         except asyncio.CancelledError:
             if self.expired and self._task is not None and not self._task.uncancel():
-                raise TimeoutError(f"Redis did not answer within {self._seconds:g} s") from None
+                raise TimeoutError("Redis did not answer within REDIS_TIMEOUT") from None
             raise
         finally:
             self._over = True
@@ -272,17 +275,15 @@ class _Deadline:
                 self._timer.cancel()
 
 
-_DEADLINE: contextvars.ContextVar[_Deadline | None] = contextvars.ContextVar("quota_redis_deadline", default=None)
+_DEADLINE: contextvars.ContextVar[_Deadline] = contextvars.ContextVar("quota_redis_deadline")
 _BUSY, _FAILED = object(), object()
 
 
 class _Pool(redis.asyncio.BlockingConnectionPool):
-    """redis-py's blocking pool; the call's deadline starts when the wait for a free connection is over, before
-    the connection is (re)connected, since connecting is Redis's time too."""
+    """redis-py's pool; a call's deadline starts once it has a connection, before connecting (Redis's time too)."""
 
     async def ensure_connection(self, connection: Any) -> None:
-        if (deadline := _DEADLINE.get()) is not None:
-            deadline.start()
+        _DEADLINE.get().start()  # every call runs in `Shared._call`, which sets it
         await super().ensure_connection(connection)
 
 
