@@ -8,6 +8,7 @@ client answering 500; 6. the shutdown deadline losing a settlement in flight.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import email.utils
 import signal
@@ -26,6 +27,10 @@ from fake_groq import Behaviour, FakeGroq
 from redis_server import RedisServer
 from test_quota import PROMPT, concurrent_posts, reserved, usage_tokens, wait_for
 
+import quota_redis
+from config import load_settings
+from quota import Limits
+
 BIG = {"prompt": "x" * 850_000}  # ~850 KB: parsing 40 of these keeps the service's loop busy
 
 
@@ -33,13 +38,42 @@ BIG = {"prompt": "x" * 850_000}  # ~850 KB: parsing 40 of these keeps the servic
 def test_a_busy_event_loop_is_not_a_redis_outage(
     fake: FakeGroq, start_process: Any, redis_server: RedisServer, mode: str
 ) -> None:
+    # a deadline shorter than the default 0.25 s, so that without the fix the false timeouts show in most runs
     env = groq_env(fake, REDIS_URL=redis_server.url, QUOTA_REQUESTS_PER_MINUTE="10", QUOTA_FAIL_MODE=mode)
+    env["REDIS_TIMEOUT"] = "0.1"
     proc = start_process(env)
     answers = concurrent_posts(proc.url, "/chat", [BIG] * 40)  # a healthy Redis answers each admission at once
     statuses = collections.Counter(a.json().get("error", {}).get("type", a.status_code) for a in answers)
     assert statuses == {200: 10, "quota_exceeded": 30}, (statuses, [line for line in proc.lines if "Redis" in line])
     assert len(fake.chat_requests()) == 10  # with `open`, none passed uncounted
     assert not [line for line in proc.lines if "Redis is" in line]
+
+
+def test_the_redis_deadline_does_not_count_time_the_loop_spent_elsewhere(redis_server: RedisServer) -> None:
+    """The same, without depending on the machine's load: a task that holds the loop 0.2 s at a time, so every
+    reply from Redis waits that long to be read, past the whole 0.1 s deadline."""
+    settings = load_settings({"REDIS_URL": redis_server.url, "QUOTA_REQUESTS_PER_MINUTE": "1", "REDIS_TIMEOUT": "0.1"})
+    limits = Limits(0, 1_000_000, 0)
+
+    async def scenario() -> list[int]:
+        store = quota_redis.Shared(settings)
+        running = True
+
+        async def hog() -> None:
+            while running:
+                time.sleep(0.2)  # the loop runs nothing else meanwhile, as while parsing a large body
+                await asyncio.sleep(0)
+
+        busy = asyncio.create_task(hog())
+        try:
+            answers = [await store.admit("local", limits, 10, True) for _ in range(5)]
+        finally:
+            running = False
+            await busy
+            await store.aclose()
+        return [raw.minute_used for raw in answers if raw is not None]
+
+    assert asyncio.run(scenario()) == [10, 20, 30, 40, 50]  # each counted, none taken for an outage
 
 
 def test_an_overload_refusal_spends_no_quota(fake: FakeGroq, start_service: Any) -> None:
