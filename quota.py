@@ -166,10 +166,10 @@ class Quota:
             _report(self._on_remaining, ticket.client, ticket.limits, raw)
 
     async def _look(self, client: str, limits: Limits) -> Raw | None:
-        """The counts as they are, booking nothing; None when the store is down."""
+        """The counts as they are, booking nothing; None when the store is down or busy."""
         try:
             return await self.store.admit(client, limits, 0, False)
-        except errors.QuotaUnavailable:
+        except (errors.QuotaUnavailable, errors.Overloaded):
             return None
 
     def _headers(self, client: str, limits: Limits, raw: Raw) -> list[tuple[bytes, bytes]]:

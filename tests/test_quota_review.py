@@ -253,3 +253,20 @@ def test_the_shutdown_deadline_lets_a_settlement_in_flight_finish(fake: FakeGroq
         assert booked == usage_tokens(fake)  # Groq's usage, not the reservation: the settlement finished
     finally:
         redis.stop()
+
+
+def test_the_wait_for_a_free_redis_connection_is_bounded_on_its_own(
+    fake: FakeGroq, start_service: Any, redis_server: RedisServer
+) -> None:
+    """One connection (MAX_CONCURRENCY=1), a hung Redis holding it 0.3 s per call: of 8 look-ups at once (each
+    answer to an invalid body shows the counts), the last wait past max(1 s, 4 x REDIS_TIMEOUT) for it."""
+    env = groq_env(fake, REDIS_URL=redis_server.url, QUOTA_REQUESTS_PER_MINUTE="100", MAX_CONCURRENCY="1")
+    service = start_service({**env, "REDIS_TIMEOUT": "0.3"})
+    assert service.client.post("/chat", json=PROMPT).status_code == 200
+    redis_server.pause()
+    started = time.monotonic()
+    answers = concurrent_posts(service.url, "/chat", [{}] * 8)
+    assert time.monotonic() - started < 2.5  # 1.2 s of waiting and 0.3 s at Redis at most, not 8 x 0.3 s
+    redis_server.resume()
+    assert [a.status_code for a in answers] == [422] * 8  # their own answer, without the counts, never a 503
+    assert not [name for a in answers for name in a.headers if name.startswith("x-ratelimit")]
