@@ -4,9 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
-# The quota and deployment tests run Debian's redis-server, nginx and systemd-analyze.
+# The quota and deployment tests run Debian's redis-server, nginx and systemd-analyze; the quota tests step
+# clocks with Debian's libfaketime (the service) and tests/clockshift.c, built with cc (redis-server).
 missing=""
 command -v redis-server >/dev/null || missing="$missing redis-server"
+ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || missing="$missing faketime"
+command -v cc >/dev/null || missing="$missing gcc libc6-dev"
 [ -x /usr/sbin/nginx ] || missing="$missing nginx"
 command -v systemd-analyze >/dev/null || missing="$missing systemd"
 [ -z "$missing" ] || (apt-get update -qq && apt-get install -y -qq $missing)

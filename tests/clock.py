@@ -10,7 +10,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+LIBFAKETIME = next(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"), Path("libfaketime.so.1"))  # Debian's
 _SHIM = Path(__file__).resolve().parent / "clockshift.c"
 
 
