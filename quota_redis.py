@@ -129,13 +129,13 @@ class Shared:
         assert settings.redis_url is not None
         self._timeout = settings.redis_timeout
         self._wait = max(1.0, 4 * self._timeout)  # for a free connection: past it, 503 overloaded
-        # No redis-py retries, socket or connect timeouts (each send would cost a task, and a busy loop would fire
-        # them): `_Deadline` bounds every call, connecting included. No CLIENT SETINFO, RESP2 (no HELLO): a new
-        # connection costs no round trip beyond the URL's AUTH/SELECT.
+        # No redis-py retries, socket or connect timeouts (a busy loop would fire them): `_Deadline` bounds every
+        # call, connecting included. No CLIENT SETINFO, RESP2 (no HELLO): no round trip beyond AUTH/SELECT.
         self._pool = _Pool.from_url(
             settings.redis_url,
             max_connections=min(settings.max_concurrency, 64),
             timeout=self._wait,
+            socket_timeout=None,  # redis-py's default, 5 s, would cost a task per send
             retry=Retry(NoBackoff(), 0),
             driver_info=None,
             protocol=2,
