@@ -14,7 +14,7 @@ import asyncio
 import contextvars
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio
 from redis.asyncio.retry import Retry
@@ -236,41 +236,37 @@ class _Deadline:
     the whole deadline) is not counted; then it fires two passes of the ready queue later, once the loop has polled
     its sockets (asyncio polls before timers, uvloop after), so a reply that arrived meanwhile is read first."""
 
-    __slots__ = ("_over", "_step", "_steps", "_task", "_timer", "expired", "started")
+    __slots__ = ("_step", "_steps", "_task", "_timer", "expired", "started")
 
     def __init__(self, seconds: float) -> None:
-        self._step, self._steps = seconds / 10, 10
-        self._task: asyncio.Task[Any] | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self.started = self.expired = self._over = False
+        self._step, self._steps = seconds / 10, 11
+        self._task = cast("asyncio.Task[Any]", asyncio.current_task())  # Redis is only called from tasks
+        self._timer: asyncio.Handle | None = None
+        self.started = self.expired = False
 
     def start(self) -> None:
-        if not self.started and self._task is not None:
+        if not self.started:  # once per call: after a NOSCRIPT, redis-py asks the pool again
             self.started = True
             self._next(asyncio.get_running_loop())
 
     def _next(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._steps:
-            self._steps -= 1
+        self._steps -= 1
+        if self._steps > 0:
             self._timer = loop.call_later(self._step, self._next, loop)
+        elif self._steps > -2:  # two passes of the ready queue, the loop polling its sockets in between
+            self._timer = loop.call_soon(self._next, loop)
         else:
-            loop.call_soon(loop.call_soon, self._expire)
-
-    def _expire(self) -> None:
-        if not self._over and self._task is not None:
             self.expired = True
             self._task.cancel()
 
     async def bounded(self, call: Callable[[], Awaitable[Any]]) -> Any:
-        self._task = asyncio.current_task()
         try:
             return await call()
         except asyncio.CancelledError:
-            if self.expired and self._task is not None and not self._task.uncancel():
+            if self.expired and not self._task.uncancel():
                 raise TimeoutError("Redis did not answer within REDIS_TIMEOUT") from None
             raise
         finally:
-            self._over = True
             if self._timer is not None:
                 self._timer.cancel()
 

@@ -179,11 +179,11 @@ def test_what_a_failed_call_to_groq_is_charged(fake: FakeGroq, start_service: An
     assert after.headers["x-ratelimit-remaining-tokens"] == str(10000 - expected)
 
 
-class _NestingRedis:
-    """Not Redis: answers every command with an array nested 5,000 deep, which redis-py's parser meets with a
-    RecursionError (an error type no Redis client lists)."""
+class _NotRedis:
+    """Not Redis: answers every command with `reply`."""
 
-    def __init__(self) -> None:
+    def __init__(self, reply: bytes) -> None:
+        self._reply = reply
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"redis://127.0.0.1:{self._listener.getsockname()[1]}/0"
         threading.Thread(target=self._serve, daemon=True).start()
@@ -196,25 +196,31 @@ class _NestingRedis:
                 return
             threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
 
-    @staticmethod
-    def _answer(connection: socket.socket) -> None:
+    def _answer(self, connection: socket.socket) -> None:
         with connection:
             while connection.recv(65536):
-                connection.sendall(b"*1\r\n" * 5000 + b":1\r\n")
+                connection.sendall(self._reply)
 
     def close(self) -> None:
         self._listener.close()
 
 
+REPLIES = {
+    # an array nested 5,000 deep: redis-py's parser meets it with a RecursionError, a type no Redis client lists
+    "RecursionError": b"*1\r\n" * 5000 + b":1\r\n",
+    "ValueError": b":1\r\n",  # a number where the admission script answers a string
+}
+
+
+@pytest.mark.parametrize("error", REPLIES)
 @pytest.mark.parametrize(("mode", "status"), [("closed", 503), ("open", 200)])
-def test_an_unexpected_error_from_the_redis_client_takes_the_fail_mode(
-    fake: FakeGroq, start_service: Any, mode: str, status: int
+def test_an_unexpected_answer_from_the_redis_client_takes_the_fail_mode(
+    fake: FakeGroq, start_service: Any, mode: str, status: int, error: str
 ) -> None:
-    redis = _NestingRedis()
+    redis = _NotRedis(REPLIES[error])
     try:
-        service = start_service(
-            groq_env(fake, REDIS_URL=redis.url, QUOTA_REQUESTS_PER_MINUTE="5", QUOTA_FAIL_MODE=mode)
-        )
+        env = groq_env(fake, REDIS_URL=redis.url, QUOTA_REQUESTS_PER_MINUTE="5", QUOTA_FAIL_MODE=mode)
+        service = start_service(env)
         answer = service.client.post("/chat", json=PROMPT)
     finally:
         redis.close()
@@ -222,8 +228,32 @@ def test_an_unexpected_error_from_the_redis_client_takes_the_fail_mode(
     if mode == "closed":
         assert answer.json()["error"]["type"] == "quota_unavailable"
     outage = [line["msg"] for line in service.log_lines() if line["msg"].startswith("Redis is unreachable")]
-    assert outage and outage[0].startswith("Redis is unreachable (RecursionError)")
+    assert outage and outage[0].startswith(f"Redis is unreachable ({error})")
     assert not [line for line in service.log_lines() if line["level"] == "ERROR"]
+
+
+def test_a_cancelled_call_to_redis_stays_a_cancellation(redis_server: RedisServer) -> None:
+    """A request cancelled while Redis holds its call (a client gone, the shutdown) is no deadline passed."""
+    settings = load_settings({"REDIS_URL": redis_server.url, "QUOTA_REQUESTS_PER_MINUTE": "1", "REDIS_TIMEOUT": "5"})
+    limits = Limits(0, 1_000_000, 0)
+
+    async def scenario() -> Any:
+        store = quota_redis.Shared(settings)
+        await store.admit("local", limits, 10, True)
+        redis_server.pause()
+        call = asyncio.create_task(store.admit("local", limits, 10, True))
+        for _ in range(20):  # until it waits for Redis
+            await asyncio.sleep(0)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        redis_server.resume()
+        after = await store.admit("local", limits, 0, False)
+        await store.aclose()
+        return after
+
+    after = asyncio.run(scenario())
+    assert after is not None and after.minute_used in (10, 20)  # Redis may have run the cancelled one
 
 
 def test_the_shutdown_deadline_lets_a_settlement_in_flight_finish(fake: FakeGroq, start_process: Any) -> None:

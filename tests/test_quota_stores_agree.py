@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from clock import ShiftedClock
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from redis_server import RedisServer
 
@@ -58,6 +58,10 @@ def figures(raw: Raw | None) -> tuple[Any, ...] | None:
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(limits=limits_strategy, operations=st.lists(operation, min_size=1, max_size=40))
+@example(  # the clock an hour back: the arrival time clamped, the tokens booked "ahead" forgotten
+    limits=Limits(60, 1000, 0),
+    operations=[("admit", "alice", 10, True), ("step", 3600, -1), ("admit", "alice", 10, True)],
+)
 def test_the_in_process_store_and_the_lua_scripts_agree(
     shifted_redis: tuple[RedisServer, ShiftedClock], limits: Limits, operations: list[tuple[Any, ...]]
 ) -> None:
