@@ -164,7 +164,7 @@ CHARGES = {  # README's charging table, the rows decided by how the call to Groq
 @pytest.mark.parametrize("row", CHARGES)
 def test_what_a_failed_call_to_groq_is_charged(fake: FakeGroq, start_service: Any, row: str) -> None:
     model, status, error, charged = CHARGES[row]
-    fake.behaviours["dropped"] = Behaviour(drop_after=0)
+    fake.behaviours["dropped"] = Behaviour(hang_up=True)
     fake.behaviours["fail/500"] = Behaviour(status=500)
     fake.behaviours["slow"] = Behaviour(delay=5)
     base_url = f"http://127.0.0.1:{free_port()}" if model == "unreachable" else fake.url
