@@ -162,7 +162,6 @@ class Service:
         limits: list[tuple[str, str]] = []  # Groq's x-ratelimit-*, passed on (quota.py swaps in its own)
         if chat.stream:
             fields["stream"] = True
-            self._acquire()
             pieces = upstream.chat_stream(chat.messages, model, chat.params, chain, limits)
             return await streaming.start(
                 pieces,
@@ -192,7 +191,6 @@ class Service:
         limits: list[tuple[str, str]] = []  # Groq's x-ratelimit-*, passed on (quota.py swaps in its own)
         if completion.stream:
             fields["stream"] = True
-            self._acquire()
             body, strip_usage = self.quota.ask_for_usage(body) if self.quota else (body, False)
             events, encode = upstream.stream_events(body, chain, limits), streaming.relay_encoder(fields, strip_usage)
             return await streaming.start(
@@ -207,11 +205,11 @@ class Service:
     async def models(self, request: Request) -> Response:
         """The model list, narrowed to the allowed models; or one model (`model` in the path), 404 outside them."""
         model_id, allowed = request.path_params.get("model"), self._allowed_models(request)
-        await self._admit(request, 0)
-        upstream = self._upstream()
+        model_id = None if model_id is None else check_model_id(model_id, allowed)  # before any quota is spent
         limits: list[tuple[str, str]] = []  # Groq's x-ratelimit-*, passed on (quota.py swaps in its own)
-        model_id = None if model_id is None else check_model_id(model_id, allowed)
+        await self._admit(request, 0)  # holds a slot: nothing may raise before `_slot` takes it over
         with self._slot(request.scope[LOG_FIELDS]):
+            upstream = self._upstream()  # inside: admitted, so not_configured is refunded like any refusal
             if model_id is not None:
                 model = await lifetimes.while_connected(request.receive, upstream.model(model_id, limits))
                 return _json(model, headers=limits)
@@ -230,10 +228,14 @@ class Service:
         return fields
 
     async def _admit(self, request: Request, max_tokens: object) -> None:
-        """Quotas (quota.py), when set: reserve the request's tokens or refuse it with 429, before Groq is called.
-        quota.QuotaGate settles the reservation to Groq's usage (fields' token counts) when the answer is over."""
+        """A slot (freed by `_slot` or streaming.start) first, so `overloaded` spends no quota; then the quota's."""
+        self._acquire()
         if self.quota is not None:
-            await self.quota.admit(request.scope, request.scope.get(body.BODY_BYTES), max_tokens)
+            try:
+                await self.quota.admit(request.scope, request.scope.get(body.BODY_BYTES), max_tokens)
+            except BaseException:
+                self._release()
+                raise
 
     def _allowed_models(self, request: Request) -> tuple[str, ...]:
         client = request.scope.get(CLIENT)  # a SERVICE_KEYS_FILE entry may narrow ALLOWED_MODELS
@@ -241,7 +243,6 @@ class Service:
 
     @contextlib.contextmanager
     def _slot(self, fields: dict[str, Any]) -> Iterator[None]:
-        self._acquire()
         started = time.perf_counter()
         try:
             yield

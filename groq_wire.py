@@ -188,7 +188,9 @@ def mapped_errors(secret: str) -> Iterator[None]:
         error.rate_limits = rate_limits(exc.response.headers)  # passed on, as on a success
         raise error from exc
     except groq.APIConnectionError as exc:
-        raise errors.UpstreamUnreachable("Groq could not be reached; check the network or GROQ_BASE_URL.") from exc
+        if isinstance(exc.__cause__, httpx.ConnectError):  # never sent: quota.py charges it 0
+            raise errors.UpstreamUnreachable("Groq could not be reached; check the network or GROQ_BASE_URL.") from exc
+        raise errors.UpstreamError("Groq closed the connection before the answer was complete; try again.") from exc
     except httpx.TransportError as exc:
         raise errors.UpstreamError("Groq closed the connection before the answer was complete; try again.") from exc
 

@@ -29,8 +29,8 @@ MODEL_ROUTES = ("/openai/v1/models/", "/v1/models/")  # and a model's id
 _NAMES = ("", "requests_per_minute", "tokens_per_minute", "tokens_per_day")
 NEVER = -1.0
 _NOT_SENT = frozenset(e.type for e in (errors.Overloaded, errors.NotConfigured))  # the service refused: refund all
-# Refused by Groq before any generating (its 401/403, 429, 498) or Groq not reached: charged 0. Any other Groq
-# error (a 400 such as json_validate_failed or tool_use_failed comes after generating) keeps the reservation.
+# Refused by Groq before generating (its 401/403, 429, 498) or never sent (no connection): charged 0. Any other
+# error keeps the reservation (a 400 such as json_validate_failed comes after generating; so may a dropped call).
 _NOT_GENERATED = frozenset(
     e.type for e in (errors.UpstreamAuth, errors.RateLimited, errors.UpstreamBusy, errors.UpstreamUnreachable)
 )
@@ -68,7 +68,7 @@ class Ticket:
     day: int
 
 
-class Store(Protocol):  # `settle` must book even in a cancelled task: it never waits, or it shields its wait
+class Store(Protocol):  # `settle` must book even in a cancelled task: it never waits, or waits in a task of its own
     async def admit(self, client: str, limits: Limits, cost: int, commit: bool) -> Raw | None: ...
     async def settle(self, ticket: Ticket, tokens: int | None, refund_request: bool) -> bool: ...
     async def ready(self) -> bool: ...
@@ -167,10 +167,10 @@ class Quota:
             _report(self._on_remaining, ticket.client, ticket.limits, raw)
 
     async def _look(self, client: str, limits: Limits) -> Raw | None:
-        """The counts as they are, booking nothing; None when the store is down."""
+        """The counts as they are, booking nothing; None when the store is down or busy."""
         try:
             return await self.store.admit(client, limits, 0, False)
-        except errors.QuotaUnavailable:
+        except (errors.QuotaUnavailable, errors.Overloaded):
             return None
 
     def _headers(self, client: str, limits: Limits, raw: Raw) -> list[tuple[bytes, bytes]]:
@@ -213,7 +213,8 @@ class QuotaGate:
                     await self.quota.report(admission.settled)
 
     async def _settle(self, admission: Admission, scope: Scope) -> None:
-        """Once per admission. A cancelled request still pays: the local store never waits, Redis's is shielded."""
+        """Once per admission. A cancelled request still pays: the local store never waits, Redis's runs in a task
+        of its own that the cancellation does not reach (at the shutdown deadline it ends after the request)."""
         ticket, admission.ticket = admission.ticket, None
         if ticket is not None and await self.quota.settle(ticket, scope[LOG_FIELDS]):
             admission.settled = ticket

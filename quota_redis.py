@@ -1,37 +1,33 @@
 """The quota counts in Redis (REDIS_URL), shared by every worker and replica. Imported only when REDIS_URL is set.
 
-One Lua script per admission and one per settlement, each atomic; a client's keys share one hash tag, so they
-live on one Redis Cluster slot; the time is Redis's `TIME`, not each replica's clock. Every call has the
-REDIS_TIMEOUT deadline; a failure is QUOTA_FAIL_MODE's answer and one warning line per outage, which the next
-reply read ends (a connection found closed is replaced by a new one).
+One Lua script per admission and one per settlement, each atomic, through redis-py's documented asyncio client:
+a `BlockingConnectionPool` (at most min(MAX_CONCURRENCY, 64) connections) and `register_script` (which reloads
+a script Redis lost). A client's keys share one hash tag (one Redis Cluster slot); the time is Redis's `TIME`.
+REDIS_TIMEOUT bounds what Redis takes, not this process: see `_Deadline`. A call past it gets QUOTA_FAIL_MODE's
+answer; an outage (one warning line; with `closed`, `/readyz` 503) is declared on a connection error, an answer
+that cannot be used, or `_LATE_IN_A_ROW` calls in a row past the deadline, and ends with the next reply.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
+import contextvars
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
-import anyio
 import redis.asyncio
-from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 import errors
 from config import Settings
 from quota import Limits, Raw, Ticket
 
 logger = logging.getLogger("service")
+_LATE_IN_A_ROW = 3  # calls in a row past REDIS_TIMEOUT that declare an outage: one slow reply does not
 
-# ARGV[1], one string: requests per minute, tokens per minute, tokens per day (0: unlimited), cost, minute and day
-# lengths (µs), 1 to book (0 to look only). Returns one string: refused limit (0 none, 1 requests, 2 tokens per
-# minute, 3 per day), wait (-1: never, the request alone is over the limit), requests remaining, requests reset,
-# minute used, minute reset, day used, day reset (times in ms), bucket, day.
 _ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -45,7 +41,13 @@ local function worse(limit, w)
 end
 local interval = 0
 if rpm > 0 then interval = minute / rpm end
-local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), now)
+-- TIME can step back: an arrival time past now + the window is clamped (as if the burst was just used)
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat > now + minute then
+  tat = now + minute
+  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil(minute / 1000) + 1000)
+end
+tat = math.max(tat, now)
 if commit then tat = tat + interval end
 if rpm > 0 and tat - now > minute + 1 then worse(1, tat - minute - now) end
 local width = minute / 60
@@ -54,7 +56,7 @@ local entries = redis.call('HGETALL', KEYS[2])
 local buckets, used = {}, 0
 for i = 1, #entries, 2 do
   local b, n = tonumber(entries[i]), tonumber(entries[i + 1])
-  if b <= bucket - 60 then redis.call('HDEL', KEYS[2], entries[i])
+  if b <= bucket - 60 or b > bucket then redis.call('HDEL', KEYS[2], entries[i])  -- or stamped in the future
   else table.insert(buckets, {b, n}); used = used + n end
 end
 if tpm > 0 and used + cost > tpm then
@@ -121,170 +123,164 @@ return 1
 
 
 class Shared:
-    """The two scripts over a stack of connections of its own (redis-py's `Connection`, without its pool, whose
-    per-command checks, retry wrapper and argument encoding cost more than the exchange itself). A settlement
-    is written and not waited for: its reply is read before that connection's next command, so it costs a write
-    instead of a round trip (Redis runs a connection's commands in order: it is booked before anything sent
-    after it on that connection). bench/run.py's quota rows measure what this saves."""
+    """The two scripts over redis-py's pool; every call under its own REDIS_TIMEOUT deadline (`_Deadline`)."""
 
     def __init__(self, settings: Settings) -> None:
         assert settings.redis_url is not None
-        timeout = settings.redis_timeout
-        # No socket_timeout (redis-py's is 5 s, with a task per send): every call runs under asyncio.timeout. No
-        # CLIENT SETINFO, RESP2 (no HELLO): a new connection costs no round trip beyond the URL's AUTH/SELECT.
-        redis_url, no_retry = settings.redis_url, Retry(NoBackoff(), 0)
-        pool = redis.asyncio.ConnectionPool.from_url(
-            redis_url, socket_timeout=None, socket_connect_timeout=timeout, retry=no_retry, driver_info=None, protocol=2
+        self._timeout = settings.redis_timeout
+        self._wait = max(1.0, 4 * self._timeout)  # for a free connection: past it, 503 overloaded
+        # No redis-py retries, socket or connect timeouts (a busy loop would fire them): `_Deadline` bounds every
+        # call, connecting included. No CLIENT SETINFO, RESP2 (no HELLO): no round trip beyond AUTH/SELECT.
+        self._pool = _Pool.from_url(
+            settings.redis_url,
+            max_connections=min(settings.max_concurrency, 64),
+            timeout=self._wait,
+            socket_timeout=None,  # redis-py's default, 5 s, would cost a task per send
+            retry=Retry(NoBackoff(), 0),
+            driver_info=None,
+            protocol=2,
         )
-        self._connection_class, self._connection_kwargs = pool.connection_class, pool.connection_kwargs
-        self._idle: list[_Line] = []  # last in, first out: one busy connection stays warm
-        self._lines: set[_Line] = set()  # every connection open, idle or in use, for aclose
-        self._in_use = asyncio.Semaphore(min(settings.max_concurrency, 64))  # so at most that many are open
-        self._closed = False
-        self._timeout = timeout
+        self._client = redis.asyncio.Redis(connection_pool=self._pool)
+        self._admit_script = self._client.register_script(_ADMIT)
+        self._settle_script = self._client.register_script(_SETTLE)
         self._open = settings.quota_fail_mode == "open"
-        self._minute = round(settings.quota_minute * 1e6)
-        self._day = round(settings.quota_day * 1e6)
-        self._down = False
+        self._minute, self._day = round(settings.quota_minute * 1e6), round(settings.quota_day * 1e6)
+        self._down, self._late = False, 0  # an outage declared; calls in a row past the deadline
+        self._settling: set[asyncio.Task[bool]] = set()  # settlements under way, which aclose lets finish
 
     async def admit(self, client: str, limits: Limits, cost: int, commit: bool) -> Raw | None:
-        args = " ".join(map(str, (*limits, cost, self._minute, self._day, int(commit))))
-        raw: Raw | None = await self._call(lambda: self._admit(_keys(client), args))
-        if raw is None:
+        args = [" ".join(map(str, (*limits, cost, self._minute, self._day, int(commit))))]
+
+        async def admission() -> Raw:
+            return _raw(await self._admit_script(keys=_keys(client), args=args))
+
+        raw = await self._call(admission)
+        if raw is _BUSY:
+            raise errors.Overloaded("Too many requests wait for the quota store; retry in a second.", retry_after="1")
+        if raw is _FAILED:
             if self._open:
                 return None
             raise errors.QuotaUnavailable("The quota store (Redis) cannot be reached, so requests cannot be counted.")
-        return raw
+        return raw  # type: ignore[no-any-return]
 
     async def settle(self, ticket: Ticket, tokens: int | None, refund_request: bool) -> bool:
-        """False when it could not be written: the reservation stands. Redis's reply (an OOM: a warning) comes later."""
+        """True once Redis booked it (else the reservation stands); in a task the request's cancellation cannot cut."""
         rpm, tpm, tpd = ticket.limits
         back = self._minute // rpm if refund_request and rpm else 0
         delta = 0 if tokens is None or not (tpm or tpd) else tokens - ticket.cost
         if not delta and not back:
             return True
-        command = _pack(b"EVAL", _SETTLE_BYTES, b"3", *_keys(ticket.client), delta, ticket.bucket, ticket.day, back)
-        with anyio.CancelScope(shield=True):  # a cancelled request still pays
-            written = await self._call(lambda: self._exchange(command, wait=False), confirms=False)
-        return written is not None
+        settlement = asyncio.get_running_loop().create_task(
+            self._settle(ticket.client, [delta, ticket.bucket, ticket.day, back])
+        )
+        self._settling.add(settlement)
+        settlement.add_done_callback(self._settling.discard)
+        return await asyncio.shield(settlement)
 
     async def ready(self) -> bool:
-        return self._open or await self._call(lambda: self._exchange(_PING, wait=True)) is not None
+        return self._open or await self._call(self._client.ping) is not _FAILED
 
     async def aclose(self) -> None:
-        """Close every connection, those in use too; a call still running then fails like Redis gone."""
-        self._closed = True
-        lines, self._idle = list(self._lines), []
-        for line in lines:
-            await _drop(line, self._lines)
+        # the settlements under way finish first (each within its deadline), for requests the shutdown ended
+        await asyncio.gather(*self._settling)
+        await self._client.aclose()
+        await self._pool.aclose()
 
-    async def _admit(self, keys: list[bytes], args: str) -> Raw:
-        try:
-            reply = await self._exchange(_pack(b"EVALSHA", _ADMIT_SHA, b"3", *keys, args), wait=True)
-        except NoScriptError:  # a Redis that restarted or flushed its scripts: send it whole, which loads it
-            reply = await self._exchange(_pack(b"EVAL", _ADMIT_BYTES, b"3", *keys, args), wait=True)
-        return _raw(reply)
-
-    async def _exchange(self, command: bytes, *, wait: bool) -> bytes:
-        """Send on an idle connection, or on a new one when none is idle or Redis closed the idle one; read
-        this command's reply when `wait`, else leave it owed (a settlement)."""
-        async with self._in_use:
-            if self._closed:  # shutting down: no new connection
-                raise redis.exceptions.ConnectionError("the quota store is closed")
-            line = self._idle.pop() if self._idle else None
-            if line is not None and not await self._usable(line):
-                line = None
-            if line is None:
-                line = _Line(self._connection_class(**self._connection_kwargs))
-                self._lines.add(line)
+    async def _settle(self, client: str, args: list[int]) -> bool:
+        async def settlement() -> bool:
             try:
-                await line.connection.send_packed_command(command, check_health=False)
-                reply = await _read(line.connection) if wait else b""
-            except BaseException:
-                await _drop(line, self._lines)
-                raise
-            line.unread += not wait
-            if self._closed:
-                await _drop(line, self._lines)
-            else:
-                self._idle.append(line)  # in step: every reply is read or counted as owed
-        if isinstance(reply, ResponseError):
-            raise reply
-        return reply
+                await self._settle_script(keys=_keys(client), args=args)
+            except ResponseError as refused:  # an OOM, say: Redis is there, but did not book it
+                logger.warning("Redis refused a settlement (%s): its reservation stands", refused)
+                return False
+            return True
 
-    async def _usable(self, line: _Line) -> bool:
-        """Read the settlement replies owed on an idle connection; False (and it is closed) when Redis closed it
-        (a restart, CLIENT KILL, its idle timeout) or it is out of step: the command then goes on a new one."""
-        connection = line.connection
-        try:
-            while line.unread and connection.is_connected:
-                if isinstance(settled := await _read(connection), ResponseError):
-                    logger.warning("Redis refused a settlement (%s): its reservation stands", settled)
-                line.unread -= 1
-            if connection.is_connected and not await connection.can_read():  # True at EOF or with stray data
-                return True
-        except (RedisError, OSError, ValueError):
-            pass
-        except BaseException:
-            await _drop(line, self._lines)
-            raise
-        if line.unread:
-            logger.warning("Redis closed a connection with %d settlements unanswered (maybe lost)", line.unread)
-        await _drop(line, self._lines)
-        return False
+        booked = await self._call(settlement)
+        if booked is _BUSY:
+            logger.warning("No Redis connection was free for a settlement: its reservation stands")
+        return booked is True
 
-    async def _call(self, call: Callable[[], Awaitable[Any]], *, confirms: bool = True) -> Any:
-        """The result; None when Redis is down, slow or unreadable. Only a reply read (`confirms`) ends an outage."""
+    async def _call(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        """The call's result; _BUSY when no connection was free in time, _FAILED when Redis failed this call."""
+        deadline = _Deadline(self._timeout)
+        token = _DEADLINE.set(deadline)
         try:
-            async with asyncio.timeout(self._timeout):
-                result = await call()
-        except (RedisError, OSError, TimeoutError, ValueError) as exc:
-            if not self._down and not self._closed:
-                self._down = True
-                then = "requests pass uncounted" if self._open else "Groq-calling routes answer 503 quota_unavailable"
-                logger.warning("Redis is unreachable (%s): %s until it is back", type(exc).__name__, then)
-            return None
-        if self._down and confirms:
+            result = await deadline.bounded(call)
+        except Exception as exc:  # any error type (a redis-py upgrade's too) takes the fail mode: never a 500
+            if not deadline.started and isinstance(exc, redis.exceptions.ConnectionError):
+                return _BUSY  # the pool's own wait ran out: this process's load, not Redis
+            self._failed(exc)
+            return _FAILED
+        finally:
+            _DEADLINE.reset(token)
+        self._late = 0
+        if self._down:
             self._down = False
             logger.warning("Redis is reachable again: requests are counted")
         return result
 
-
-class _Line:
-    __slots__ = ("connection", "unread")
-
-    def __init__(self, connection: AbstractConnection) -> None:
-        self.connection = connection
-        self.unread = 0  # settlement replies not read yet
-
-
-async def _drop(line: _Line, lines: set[_Line]) -> None:
-    lines.discard(line)
-    with contextlib.suppress(Exception):
-        await line.connection.disconnect(nowait=True)
+    def _failed(self, exc: Exception) -> None:
+        if type(exc) is TimeoutError:  # past the deadline (`_Deadline`): an outage only when it keeps happening
+            self._late += 1
+            if self._late < _LATE_IN_A_ROW:
+                return
+        if not self._down:
+            self._down = True
+            then = "requests pass uncounted" if self._open else "Groq-calling routes answer 503 quota_unavailable"
+            logger.warning("Redis is unreachable (%s): %s until it is back", type(exc).__name__, then)
 
 
-async def _read(connection: AbstractConnection) -> bytes | ResponseError:
-    """The next reply; an error reply (a script's error, NOSCRIPT) as a value: the connection is still usable."""
-    try:
-        reply: bytes = await connection.read_response(disable_decoding=True)
-    except ResponseError as exc:
-        return exc
-    return reply
+class _Deadline:
+    """REDIS_TIMEOUT for one call once the pool hands it a connection (`_Pool`), in ten steps, each armed when the
+    last ran, so time the loop ran late (busy with other requests: 40 parsing large bodies can keep it busy past
+    the whole deadline) is not counted; then it fires two passes of the ready queue later, once the loop has polled
+    its sockets (asyncio polls before timers, uvloop after), so a reply that arrived meanwhile is read first."""
+
+    __slots__ = ("_step", "_steps", "_task", "_timer", "expired", "started")
+
+    def __init__(self, seconds: float) -> None:
+        self._step, self._steps = seconds / 10, 11
+        self._task = cast("asyncio.Task[Any]", asyncio.current_task())  # Redis is only called from tasks
+        self._timer: asyncio.Handle | None = None
+        self.started = self.expired = False
+
+    def start(self) -> None:
+        if not self.started:  # once per call: after a NOSCRIPT, redis-py asks the pool again
+            self.started = True
+            self._next(asyncio.get_running_loop())
+
+    def _next(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._steps -= 1
+        if self._steps > 0:
+            self._timer = loop.call_later(self._step, self._next, loop)
+        elif self._steps > -2:  # two passes of the ready queue, the loop polling its sockets in between
+            self._timer = loop.call_soon(self._next, loop)
+        else:
+            self.expired = True
+            self._task.cancel()
+
+    async def bounded(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        try:
+            return await call()
+        except asyncio.CancelledError:
+            if self.expired and not self._task.uncancel():
+                raise TimeoutError("Redis did not answer within REDIS_TIMEOUT") from None
+            raise
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
 
 
-def _pack(*args: bytes | str | int) -> bytes:
-    """One command in Redis's protocol (RESP): an array of bulk strings."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
+_DEADLINE: contextvars.ContextVar[_Deadline] = contextvars.ContextVar("quota_redis_deadline")
+_BUSY, _FAILED = object(), object()
 
 
-_ADMIT_BYTES, _SETTLE_BYTES = _ADMIT.encode(), _SETTLE.encode()
-_ADMIT_SHA = hashlib.sha1(_ADMIT_BYTES, usedforsecurity=False).hexdigest().encode()
-_PING = _pack(b"PING")
+class _Pool(redis.asyncio.BlockingConnectionPool):
+    """redis-py's pool; a call's deadline starts once it has a connection, before connecting (Redis's time too)."""
+
+    async def ensure_connection(self, connection: Any) -> None:
+        _DEADLINE.get().start()  # every call runs in `Shared._call`, which sets it
+        await super().ensure_connection(connection)
 
 
 def _raw(reply: object) -> Raw:
@@ -296,5 +292,5 @@ def _raw(reply: object) -> Raw:
     return Raw(refused, s[0], left, s[1], minute_used, s[2], day_used, s[3], bucket, day)
 
 
-def _keys(client: str) -> list[bytes]:
-    return [f"quota:{{{client}}}:{part}".encode() for part in ("r", "m", "d")]
+def _keys(client: str) -> list[str]:
+    return [f"quota:{{{client}}}:{part}" for part in ("r", "m", "d")]

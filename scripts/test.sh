@@ -5,10 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
-# The quota and deployment tests run Debian's redis-server, nginx and systemd-analyze; the container tests
-# Debian's Docker (docker.io) and debootstrap, which makes their base image.
+# The quota and deployment tests run Debian's redis-server, nginx and systemd-analyze; the quota tests step
+# clocks with Debian's libfaketime (the service) and tests/clockshift.c, built with cc (redis-server); the
+# container tests Debian's Docker (docker.io) and debootstrap, which makes their base image.
 missing=""
 command -v redis-server >/dev/null || missing="$missing redis-server"
+ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || missing="$missing faketime"
+command -v cc >/dev/null || missing="$missing gcc libc6-dev"
 [ -x /usr/sbin/nginx ] || missing="$missing nginx"
 command -v systemd-analyze >/dev/null || missing="$missing systemd"
 command -v dockerd >/dev/null && command -v docker >/dev/null || missing="$missing docker.io"

@@ -83,8 +83,8 @@ def test_the_gauges_follow_the_headers_at_admission_settlement_and_refusal(fake:
     }
 
 
-def test_a_request_refunded_by_the_service_is_reported_back(fake: FakeGroq, start_service: Any) -> None:
-    """With the one slot held, a second request is admitted, then refused 503 overloaded and refunded in full."""
+def test_an_overloaded_request_reserves_nothing(fake: FakeGroq, start_service: Any) -> None:
+    """With the one slot held, a second request is refused 503 overloaded before its admission (issue 22)."""
     fake.default.hold = threading.Event()
     env = groq_env(
         fake, METRICS="true", MAX_CONCURRENCY="1", QUOTA_REQUESTS_PER_MINUTE="5", QUOTA_TOKENS_PER_DAY="50000"
@@ -96,7 +96,7 @@ def test_a_request_refunded_by_the_service_is_reported_back(fake: FakeGroq, star
     wait_for(lambda: fake.chat_requests(), "the held request at the fake")
     overloaded = service.client.post("/chat", json=PROMPT)
     assert overloaded.status_code == 503
-    assert overloaded.headers["x-ratelimit-remaining-requests"] == "3"  # as admitted, before the refund
+    assert overloaded.headers["x-ratelimit-remaining-requests"] == "4"  # the held request's reservation only
     chat_lines(service, 1)
     held = {("local", "requests_per_minute"): 4, ("local", "tokens_per_day"): 50000 - reserved(PROMPT)}
     assert remaining(service) == held
@@ -105,6 +105,14 @@ def test_a_request_refunded_by_the_service_is_reported_back(fake: FakeGroq, star
     assert first[0].status_code == 200
     chat_lines(service, 2)
     assert remaining(service) == {**held, ("local", "tokens_per_day"): 50000 - usage_tokens(fake)}
+
+
+def test_a_request_refunded_by_the_service_is_reported_back(start_service: Any) -> None:
+    """Without GROQ_API_KEY, a model list is admitted, then answers 503 not_configured and is refunded in full."""
+    service = start_service({"METRICS": "true", "QUOTA_REQUESTS_PER_MINUTE": "5"}, quota_minute=600)
+    answer = service.client.get("/v1/models")
+    assert (answer.status_code, answer.headers["x-ratelimit-remaining-requests"]) == (503, "4")  # as admitted
+    assert wait_for(lambda: remaining(service) == {("local", "requests_per_minute"): 5}, "the refund reported")
 
 
 def test_configured_names_label_the_clients_and_their_own_limits(
