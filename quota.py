@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol, TypeGuard
+from typing import Any, Protocol, TypeGuard
 
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import errors
 from config import ServiceKey, Settings
 from middleware import CLIENT, LOCAL, LOG_FIELDS
+from quota_types import NEVER, Limits, Raw, Ticket
 
 QUOTA = "service.quota"  # scope key: this request's `Admission`, filled by `Quota.admit`
 GROQ_ROUTES = frozenset(
@@ -27,7 +28,6 @@ GROQ_ROUTES = frozenset(
 )
 MODEL_ROUTES = ("/openai/v1/models/", "/v1/models/")  # and a model's id
 _NAMES = ("", "requests_per_minute", "tokens_per_minute", "tokens_per_day")
-NEVER = -1.0
 _NOT_SENT = frozenset(e.type for e in (errors.Overloaded, errors.NotConfigured))  # the service refused: refund all
 # Refused by Groq before generating (its 401/403, 429, 498) or never sent (no connection): charged 0. Any other
 # error keeps the reservation (a 400 such as json_validate_failed comes after generating; so may a dropped call).
@@ -36,36 +36,6 @@ _NOT_GENERATED = frozenset(
 )
 _MAX_COUNT = 10_000_000  # a token count from Groq at or above this is not believed
 Remaining = Callable[[str, str, int], None]  # client name, limit name (_NAMES), requests or tokens remaining
-
-
-class Limits(NamedTuple):
-    requests_per_minute: int
-    tokens_per_minute: int
-    tokens_per_day: int  # 0: unlimited
-
-
-class Raw(NamedTuple):
-    """One admission's outcome, in seconds; the same from both stores."""
-
-    refused: int  # 0 admitted, else the index in _NAMES of the limit with the longest wait
-    wait: float  # seconds until it would pass; NEVER when the request alone is over the limit
-    requests_remaining: int
-    requests_reset: float
-    minute_used: int
-    minute_reset: float
-    day_used: int
-    day_reset: float
-    bucket: int  # where the reservation was booked, for the settlement
-    day: int
-
-
-@dataclass(frozen=True, slots=True)
-class Ticket:
-    client: str
-    limits: Limits
-    cost: int
-    bucket: int
-    day: int
 
 
 class Store(Protocol):  # `settle` must book even in a cancelled task: it never waits, or waits in a task of its own

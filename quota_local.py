@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from config import Settings
-from quota import NEVER, Limits, Raw, Ticket
+from quota_types import NEVER, Limits, Raw, Ticket
 
 
 class Local:

@@ -23,7 +23,7 @@ from redis.exceptions import ResponseError
 
 import errors
 from config import Settings
-from quota import Limits, Raw, Ticket
+from quota_types import Limits, Raw, Ticket
 
 logger = logging.getLogger("service")
 _LATE_IN_A_ROW = 3  # calls in a row past REDIS_TIMEOUT that declare an outage: one slow reply does not

@@ -26,7 +26,7 @@ import run  # bench/run.py: the fake, the load generator, the CPU counters
 NO_SETTLEMENT = """
 import asyncio, os, runpy, sys
 import quota_redis
-from quota import Raw
+from quota_types import Raw
 
 async def settle(self, ticket, tokens, refund_request):
     return True

@@ -95,9 +95,12 @@ print(json.dumps(sorted(m for m in sys.modules if os.path.exists(m + ".py") or m
     ("env", "added"),
     [
         ({}, []),
-        ({"QUOTA_REQUESTS_PER_MINUTE": "5"}, ["quota", "quota_local"]),
+        ({"QUOTA_REQUESTS_PER_MINUTE": "5"}, ["quota", "quota_local", "quota_types"]),
         ({"REDIS_URL": "redis://127.0.0.1:1/0"}, []),  # no quota: Redis is not used
-        ({"QUOTA_REQUESTS_PER_MINUTE": "5", "REDIS_URL": "redis://127.0.0.1:1/0"}, ["quota", "quota_redis", "redis"]),
+        (
+            {"QUOTA_REQUESTS_PER_MINUTE": "5", "REDIS_URL": "redis://127.0.0.1:1/0"},
+            ["quota", "quota_redis", "quota_types", "redis"],
+        ),
         ({"METRICS": "true"}, ["metrics", "prometheus_client"]),
         ({"FALLBACK_MODELS": "a>b"}, ["fallback"]),
     ],

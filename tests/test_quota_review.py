@@ -29,7 +29,7 @@ from test_quota import PROMPT, concurrent_posts, reserved, usage_tokens, wait_fo
 
 import quota_redis
 from config import load_settings
-from quota import Limits
+from quota_types import Limits
 
 BIG = {"prompt": "x" * 850_000}  # ~850 KB: parsing 40 of these keeps the service's loop busy
 

@@ -19,7 +19,7 @@ from redis_server import RedisServer
 import quota_local
 import quota_redis
 from config import load_settings
-from quota import Limits, Raw, Ticket
+from quota_types import Limits, Raw, Ticket
 
 START = 1_796_687_880.0  # 2026-12-07 23:58:00 UTC: two minutes before a UTC day ends
 STEPS = [1, 2, 5, 30, 59, 60, 61, 119, 3600, 86_400]
