@@ -59,7 +59,7 @@ class Settings:
     max_body_bytes: int = 1024 * 1024
     max_concurrency: int = 64
     allowed_models: tuple[str, ...] = ()
-    fallback_models: tuple[tuple[str, str], ...] = ()  # FALLBACK_MODELS: (model, its fallback) pairs
+    fallback_models: tuple[tuple[str, tuple[str, ...]], ...] = ()  # FALLBACK_MODELS: (model, the models after it)
     client_timeout: float = 15.0
     shutdown_timeout: float = 30.0
     cors_origins: tuple[str, ...] = ()
@@ -174,7 +174,7 @@ def _parse(environ: Mapping[str, str]) -> Settings:
     )
     if settings.allowed_models and settings.groq_model not in settings.allowed_models:
         raise SettingsError(f"GROQ_MODEL must be one of ALLOWED_MODELS ({shown(settings.groq_model)})")
-    for model, fallback in settings.fallback_models:
+    for model, (fallback, *_) in settings.fallback_models:
         if settings.allowed_models and fallback not in settings.allowed_models:
             raise SettingsError(
                 f"FALLBACK_MODELS: {model!r} falls back to {fallback!r}, which is not in ALLOWED_MODELS"

@@ -112,8 +112,9 @@ class Reader:
                 )
         return tokens
 
-    def fallbacks(self, name: str) -> tuple[tuple[str, str], ...]:
-        """Comma-separated `model>fallback` pairs: each model has at most one fallback, and no chain comes back."""
+    def fallbacks(self, name: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """Comma-separated `model>fallback` pairs, each model with at most one fallback; every model that has one,
+        with its chain (`a>b,b>c`: a with (b, c), b with (c,)), walked once here, where a cycle is refused."""
         pairs: dict[str, str] = {}
         for entry in self.csv(name):
             model, arrow, fallback = (part.strip() for part in entry.partition(">"))
@@ -129,13 +130,15 @@ class Reader:
                     f"{name} gives {model!r} two fallbacks ({pairs[model]!r} and {fallback!r}); keep one"
                 )
             pairs[model] = fallback
+        chains = []
         for start in pairs:
             chain = [start]
             while chain[-1] in pairs:
                 chain.append(pairs[chain[-1]])
                 if chain[-1] in chain[:-1]:
                     raise SettingsError(f"{name} has a cycle: {' > '.join(chain[chain.index(chain[-1]) :])}")
-        return tuple(pairs.items())
+            chains.append((start, tuple(chain[1:])))
+        return tuple(chains)
 
     def host(self, name: str, default: str) -> str:
         raw = self._raw(name)

@@ -35,13 +35,7 @@ class Fallbacks:
     """The chains FALLBACK_MODELS sets, made once; `chain` gives a request's own."""
 
     def __init__(self, settings: Settings, *, on_fallback: OnFallback | None = None) -> None:
-        pairs = dict(settings.fallback_models)
-        self._after: dict[str, tuple[str, ...]] = {}
-        for model in pairs:  # config.py refused cycles, so each walk ends
-            after = [pairs[model]]
-            while after[-1] in pairs:
-                after.append(pairs[after[-1]])
-            self._after[model] = tuple(after)
+        self._after = dict(settings.fallback_models)  # each model's chain, as env_values.Reader.fallbacks walked it
         self._timeout = settings.groq_timeout
         self._on_fallback = on_fallback
 

@@ -92,7 +92,7 @@ class Metrics:
         if self._directory:
             multiprocess.MultiProcessCollector(self._registry, path=self._directory)  # type: ignore[no-untyped-call]
         self._routes = frozenset(paths)
-        fallbacks = (model for pair in settings.fallback_models for model in pair)
+        fallbacks = (model for start, after in settings.fallback_models for model in (start, *after))
         self._models = {settings.groq_model, *settings.allowed_models, *fallbacks}
         self._learning = _LEARNED_MODELS if not settings.allowed_models else 0
         self._children: dict[tuple[object, ...], Any] = {}  # bounded like the labels; skips `labels()`'s checks

@@ -51,9 +51,9 @@ def test_a_fallback_outside_allowed_models_names_both() -> None:
     )
 
 
-def test_pairs_are_read_with_spaces_and_empty_entries_dropped() -> None:
+def test_pairs_are_read_with_spaces_and_empty_entries_dropped_into_chains() -> None:
     settings = load_settings({"FALLBACK_MODELS": f" {A} > {B} ,, {B}>{C} ,", "ALLOWED_MODELS": f"{A},{B},{C}"})
-    assert settings.fallback_models == ((A, B), (B, C))
+    assert settings.fallback_models == ((A, (B, C)), (B, (C,)))
     assert load_settings({}).fallback_models == ()
     assert load_settings({"FALLBACK_MODELS": " "}).fallback_models == ()
 
