@@ -459,9 +459,13 @@ _GROQ_ERRORS: dict[int, tuple[dict[str, Any], dict[str, str]]] = {
         },
         {},
     ),
+    408: ({"message": "Request Timeout", "type": "invalid_request_error"}, {}),
+    409: ({"message": "Conflict", "type": "invalid_request_error"}, {}),
     500: ({"message": "Internal Server Error", "type": "internal_server_error"}, {}),
     502: ({"message": "Bad Gateway", "type": "internal_server_error"}, {}),
     503: ({"message": "Service Unavailable", "type": "internal_server_error", "code": "service_unavailable"}, {}),
+    504: ({"message": "Gateway Timeout", "type": "internal_server_error"}, {}),
+    520: ({"message": "Unknown Error", "type": "internal_server_error"}, {}),  # a CDN in front of Groq
 }
 
 
