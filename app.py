@@ -221,7 +221,7 @@ class Service:
     def _log_request(self, request: Request, model: str, messages: object, stream: bool) -> dict[str, Any]:
         fields: dict[str, Any] = request.scope[LOG_FIELDS]
         fields["model"] = model
-        request.scope[REQUESTED] = (model, stream)
+        request.scope[REQUESTED] = (model, stream, 0.0)
         if self.settings.log_prompts:
             fields["messages"] = messages
             fields["completion"] = ""

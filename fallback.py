@@ -25,7 +25,7 @@ from starlette.types import Scope
 
 import errors
 from config import Settings
-from middleware import CLIENT, LOG_FIELDS, REQUESTED
+from middleware import CLIENT, LOG_FIELDS, REQUESTED, elapsed_ms
 
 MAX_FALLBACKS = 3  # Groq calls after the first, for one request
 _CAPACITY = frozenset({429, 498, 500, 502, 503})  # never 400/401/403/404/413/422: the request is the problem
@@ -64,15 +64,17 @@ class Fallbacks:
 class Chain:
     """One request's models, tried in turn by `complete` or `stream`; its access line and metrics told as it goes."""
 
-    __slots__ = ("_fallbacks", "_models", "_scope")
+    __slots__ = ("_began", "_fallbacks", "_models", "_scope")
 
     def __init__(self, fallbacks: Fallbacks, models: tuple[str, ...], scope: Scope) -> None:
         self._fallbacks = fallbacks
         self._models = models
         self._scope = scope
+        self._began = 0.0  # perf_counter when the first call started
 
     async def complete(self, call: Call, body: dict[str, Any]) -> bytes:
         deadline = asyncio.get_running_loop().time() + self._fallbacks.timeout
+        self._began = time.perf_counter()
         for i, model in enumerate(self._models[:-1]):
             started = time.perf_counter()
             try:
@@ -87,6 +89,7 @@ class Chain:
     async def stream(self, events: Events, body: dict[str, Any]) -> AsyncGenerator[Any]:
         """Each model's stream until one yields its first piece; from then on that stream only, errors included."""
         deadline = asyncio.get_running_loop().time() + self._fallbacks.timeout
+        self._began = time.perf_counter()
         for i, model in enumerate(self._models[:-1]):
             started = time.perf_counter()
             opening = functools.partial(_opened, events, {**body, "model": model}, deadline=deadline)
@@ -123,7 +126,8 @@ class Chain:
         fields = self._scope[LOG_FIELDS]
         fields["fallback_from"] = self._models[0]
         fields["attempts"] = i + 2
-        self._scope[REQUESTED] = (following, self._scope[REQUESTED][1])  # metrics: the next call asks for this
+        # Metrics: the next call is the one the request reports, measured from its own start.
+        self._scope[REQUESTED] = (following, self._scope[REQUESTED][1], elapsed_ms(self._began))
         if self._fallbacks.on_fallback is not None:
             self._fallbacks.on_fallback(failed, following, exc.type, time.perf_counter() - started)
         return True

@@ -184,7 +184,7 @@ class Metrics:
         """framing.GuardedProtocol's access line for a request it refused before the app saw it (431, 400)."""
         self._record(fields["path"] if fields.get("path") in self._routes else OTHER, fields, None)
 
-    def _record(self, route: str, fields: dict[str, Any], requested: tuple[str, bool] | None) -> None:
+    def _record(self, route: str, fields: dict[str, Any], requested: tuple[str, bool, float] | None) -> None:
         method = fields.get("method") if fields.get("method") in _METHODS else "_OTHER"
         self._child(self.requests, method, route, fields["status"]).observe(fields["duration_ms"] / 1000)
         error = fields.get("error")
@@ -193,15 +193,18 @@ class Metrics:
         if requested is not None and error not in _GROQ_NOT_CALLED:
             self._call(fields, *requested)
 
-    def _call(self, fields: dict[str, Any], requested: str, stream: bool) -> None:
-        """A chat call that reached Groq (or tried to): duration, tokens, and a stream's first chunk."""
+    def _call(self, fields: dict[str, Any], requested: str, stream: bool, started_ms: float) -> None:
+        """A chat call that reached Groq (or tried to): duration, tokens, and a stream's first chunk, timed from
+        `started_ms` into the wait on Groq: the calls that failed before it (fallback.py) are their own operations."""
         error = fields.get("error") or ""
         answered = self._model(fields["model"], learn=not error)  # on success, the access line holds Groq's model
         model = self._model(requested)
-        seconds = fields["duration_ms"] if stream or "upstream_ms" not in fields else fields["upstream_ms"]
-        self._child(self.operations, *_GEN_AI, model, error).observe(seconds / 1000)
+        ms = fields["duration_ms"] if stream or "upstream_ms" not in fields else fields["upstream_ms"]
+        self._child(self.operations, *_GEN_AI, model, error).observe((ms - started_ms) / 1000)
         if stream and "upstream_ms" in fields:
-            self._child(self.first_token, *_GEN_AI, model, answered).observe(fields["upstream_ms"] / 1000)
+            self._child(self.first_token, *_GEN_AI, model, answered).observe(
+                (fields["upstream_ms"] - started_ms) / 1000
+            )
         key = fields.get("key") or fields.get("key_id") or "none"  # Authorize: a keys-file name, or a token's id
         for kind, name in _TOKEN_FIELDS:
             count = fields.get(name)

@@ -30,7 +30,7 @@ logger = logging.getLogger("service")
 LOG_FIELDS = "service.log_fields"  # scope key: the dict that becomes the request's access line
 CLIENT = "service.client"  # scope key: the ServiceKey of the caller, set by Authorize (quotas and models use it)
 LOCAL = ServiceKey("local", b"")  # every loopback caller when no token is configured: one client
-REQUESTED = "service.requested"  # scope key: (model asked for, streamed), for metrics; the log shows Groq's model
+REQUESTED = "service.requested"  # scope key, for metrics: (model, streamed, ms into the Groq wait its call began)
 OPEN_PATHS = frozenset({"/", "/healthz", "/readyz"})
 LOOPBACK_ONLY = (
     "Only loopback clients may call this service: set SERVICE_API_KEYS (or SERVICE_KEYS_FILE) to serve"

@@ -142,3 +142,27 @@ def test_metrics_count_each_fallback_and_each_groq_call(fake: FakeGroq, start_se
     }
     tokens = by(samples, "groq_proxy_tokens_total", "key", "gen_ai_token_type", "gen_ai_response_model")
     assert tokens == {("none", "input", C): 22.0, ("none", "output", C): 12.0}
+
+
+OPERATION = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "error_type")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_answering_calls_duration_leaves_out_the_failed_ones(
+    fake: FakeGroq, start_service: Any, stream: bool
+) -> None:
+    """A answers 503 after 1 s, B at once: B's operation (and a stream's first token) is B's time, not A's too."""
+    fake.behaviours[A] = groq_error(503, A, delay=1.0)
+    service = start_service(groq_env(fake, FALLBACK_MODELS=f"{A}>{B}", METRICS="true"))
+    response = service.client.post("/chat", json={**ASK_A, "stream": stream})
+    assert response.status_code == 200
+    samples = scrape(service.url)
+    seconds = by(samples, "gen_ai_client_operation_duration_seconds_sum", *OPERATION)
+    assert set(seconds) == {("chat", "groq", A, "upstream_error"), ("chat", "groq", B, "")}
+    assert seconds[("chat", "groq", A, "upstream_error")] >= 1.0
+    assert seconds[("chat", "groq", B, "")] < 0.5
+    first_token = by(samples, "gen_ai_server_time_to_first_token_seconds_sum", *OPERATION[:3], "gen_ai_response_model")
+    assert list(first_token) == ([("chat", "groq", B, B)] if stream else [])
+    assert all(value < 0.5 for value in first_token.values())
+    access = service.access_lines(2)[0]  # the scrape's is the second
+    assert access["upstream_ms"] >= 1000  # the access line's wait on Groq is still the whole chain's
