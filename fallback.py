@@ -126,6 +126,7 @@ class Chain:
         fields = self._scope[LOG_FIELDS]
         fields["fallback_from"] = self._models[0]
         fields["attempts"] = i + 2
+        fields["model"] = following  # the last model tried, until Groq's answer names its own
         # Metrics: the next call is the one the request reports, measured from its own start.
         self._scope[REQUESTED] = (following, self._scope[REQUESTED][1], elapsed_ms(self._began))
         if self._fallbacks.on_fallback is not None:

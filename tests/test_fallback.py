@@ -101,7 +101,7 @@ def test_the_chain_shares_one_groq_timeout(fake: FakeGroq, start_service: Any) -
     assert_error(service.client.post("/chat", json=ASK_A), 504, "upstream_timeout")
     assert models_asked(fake) == [A, B]
     [access] = service.access_lines(1)
-    assert (access["error"], *fallback_fields(access)) == ("upstream_timeout", A, 2)
+    assert (access["model"], access["error"], *fallback_fields(access)) == (B, "upstream_timeout", A, 2)
 
 
 def test_a_chain_of_three_fallbacks(fake: FakeGroq, start_service: Any) -> None:
@@ -122,6 +122,7 @@ def test_when_every_model_fails_the_client_gets_the_last_error(fake: FakeGroq, s
     assert models_asked(fake) == [A, B, C, D]  # at most three fallbacks: E is never asked
     [access] = service.access_lines(1)
     assert (access["status"], access["error"], *fallback_fields(access)) == (502, "upstream_error", A, 4)
+    assert access["model"] == D  # the last model tried, as metrics label the last call
 
 
 def test_the_last_error_is_the_one_the_client_sees(fake: FakeGroq, start_service: Any) -> None:
@@ -208,7 +209,8 @@ def test_a_stream_whose_whole_chain_fails_answers_the_last_error(a_to_b: Service
     fake.behaviours |= {A: groq_error(498, A), B: groq_error(500, B)}
     assert_error(a_to_b.client.post("/chat", json={**ASK_A, "stream": True}), 502, "upstream_error")
     assert models_asked(fake) == [A, B]
-    assert fallback_fields(a_to_b.access_lines(1)[0]) == (A, 2)
+    [access] = a_to_b.access_lines(1)
+    assert (access["model"], *fallback_fields(access)) == (B, A, 2)
     assert a_to_b.app.state.service.in_flight == 0
 
 
@@ -268,5 +270,14 @@ def test_a_client_that_leaves_during_the_fallback_stops_it(fake: FakeGroq, start
     _wait_for(lambda: fake.closed_early, 5)
     assert models_asked(fake) == [A, B]
     [access] = service.access_lines(1)
-    assert (access["status"], access["disconnected"], *fallback_fields(access)) == (499, True, A, 2)
+    assert (access["status"], access["disconnected"], access["model"], *fallback_fields(access)) == (499, True, B, A, 2)
     assert service.app.state.service.in_flight == 0
+
+
+def test_the_access_line_names_the_fallback_even_when_groq_reports_no_usage(a_to_b: Service, fake: FakeGroq) -> None:
+    """The SDK route takes Groq's model from an answer with usage; without it the line still names the last call's."""
+    fake.behaviours |= {A: groq_error(503, A), B: Behaviour(usage=False)}
+    response = a_to_b.client.post("/openai/v1/chat/completions", json={"model": A, "messages": MESSAGES})
+    assert (response.status_code, response.json()["model"]) == (200, B)
+    [access] = a_to_b.access_lines(1)
+    assert (access["model"], *fallback_fields(access)) == (B, A, 2)
