@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from conftest import groq_env
-from fake_groq import FakeGroq, groq_error
+from fake_groq import Behaviour, FakeGroq, groq_error
 from test_chat import assert_error
 from test_fallback import ASK_A, A, B, fallback_fields, models_asked
 from test_streaming import sse_events
@@ -87,3 +87,11 @@ def test_the_retries_keep_the_one_groq_timeout(fake: FakeGroq, start_service: An
     assert_error(service.client.post("/chat", json=ASK_A), 504, "upstream_timeout")
     assert set(models_asked(fake)) == {A}
     assert 2 <= len(models_asked(fake)) <= 4
+
+
+def test_no_connection_still_goes_on_at_once_when_retries_are_set(fake: FakeGroq, start_service: Any) -> None:
+    fake.behaviours[A] = Behaviour(hang_up=True)
+    service = start_service(groq_env(fake, GROQ_MAX_RETRIES="2", FALLBACK_MODELS=f"{A}>{B}"))
+    response = service.client.post("/chat", json=ASK_A)
+    assert (response.status_code, response.json()["model"]) == (200, B)
+    assert models_asked(fake) == [A, B]
