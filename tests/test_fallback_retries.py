@@ -81,12 +81,13 @@ def test_the_model_is_called_again_exactly_when_the_sdk_would_retry(
 
 
 def test_the_retries_keep_the_one_groq_timeout(fake: FakeGroq, start_service: Any) -> None:
-    """Each 504 comes 0.3 s after its call: GROQ_TIMEOUT=1 ends the retries, as it would without a fallback."""
+    """Each 504 comes 0.3 s after its call: GROQ_TIMEOUT=2 ends the retries, as it would without a fallback (the
+    second call starts 1.7 s before the deadline, so a busy machine still gets there)."""
     fake.behaviours[A] = groq_error(504, A, delay=0.3, headers=FAST_RETRY)
-    service = start_service(groq_env(fake, GROQ_MAX_RETRIES="10", GROQ_TIMEOUT="1", FALLBACK_MODELS=f"{A}>{B}"))
+    service = start_service(groq_env(fake, GROQ_MAX_RETRIES="10", GROQ_TIMEOUT="2", FALLBACK_MODELS=f"{A}>{B}"))
     assert_error(service.client.post("/chat", json=ASK_A), 504, "upstream_timeout")
     assert set(models_asked(fake)) == {A}
-    assert 2 <= len(models_asked(fake)) <= 4
+    assert 2 <= len(models_asked(fake)) <= 7
 
 
 def test_no_connection_still_goes_on_at_once_when_retries_are_set(fake: FakeGroq, start_service: Any) -> None:

@@ -151,18 +151,18 @@ OPERATION = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_mo
 def test_the_answering_calls_duration_leaves_out_the_failed_ones(
     fake: FakeGroq, start_service: Any, stream: bool
 ) -> None:
-    """A answers 503 after 1 s, B at once: B's operation (and a stream's first token) is B's time, not A's too."""
-    fake.behaviours[A] = groq_error(503, A, delay=1.0)
+    """A answers 503 after 1.5 s, B at once: B's operation (and a stream's first token) is B's time, not A's too."""
+    fake.behaviours[A] = groq_error(503, A, delay=1.5)
     service = start_service(groq_env(fake, FALLBACK_MODELS=f"{A}>{B}", METRICS="true"))
     response = service.client.post("/chat", json={**ASK_A, "stream": stream})
     assert response.status_code == 200
     samples = scrape(service.url)
     seconds = by(samples, "gen_ai_client_operation_duration_seconds_sum", *OPERATION)
     assert set(seconds) == {("chat", "groq", A, "upstream_error"), ("chat", "groq", B, "")}
-    assert seconds[("chat", "groq", A, "upstream_error")] >= 1.0
-    assert seconds[("chat", "groq", B, "")] < 0.5
+    assert seconds[("chat", "groq", A, "upstream_error")] >= 1.5
+    assert seconds[("chat", "groq", B, "")] < 1.0  # 1.5 s more without the fix; 1 s of slack for a busy machine
     first_token = by(samples, "gen_ai_server_time_to_first_token_seconds_sum", *OPERATION[:3], "gen_ai_response_model")
     assert list(first_token) == ([("chat", "groq", B, B)] if stream else [])
-    assert all(value < 0.5 for value in first_token.values())
+    assert all(value < 1.0 for value in first_token.values())
     access = service.access_lines(2)[0]  # the scrape's is the second
-    assert access["upstream_ms"] >= 1000  # the access line's wait on Groq is still the whole chain's
+    assert access["upstream_ms"] >= 1500  # the access line's wait on Groq is still the whole chain's
