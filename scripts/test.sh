@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# The whole test suite from a fresh checkout: a venv from the hash-pinned files, then lint, types,
-# the size budget and the tests with the branch-coverage gate. Extra arguments go to pytest.
+# The whole test suite from a fresh checkout: Debian's packages the tests run, a venv from the hash-pinned files,
+# then lint, types, the size budget and the tests with the branch-coverage gate. Extra arguments go to pytest.
 # Run as root on Debian 12: the container tests use Docker (README.md, "Development").
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/python ] || python3 -m venv .venv
-# The quota and deployment tests run Debian's redis-server, nginx and systemd-analyze; the quota tests step
-# clocks with Debian's libfaketime (the service) and tests/clockshift.c, built with cc (redis-server); the
-# container tests Debian's Docker (docker.io) and debootstrap, which makes their base image.
+# dockerd, debootstrap and nginx are in the sbin folders, which root's PATH lacks after `su` without `-`.
+PATH=$PATH:/usr/sbin:/sbin
+# Debian's python3 makes venvs only with python3-venv (ensurepip); the quota and deployment tests run Debian's
+# redis-server, nginx and systemd-analyze; the quota tests step clocks with Debian's libfaketime (the service)
+# and tests/clockshift.c, built with cc (redis-server); the container tests Debian's Docker (docker.io) and
+# debootstrap, which makes their base image.
 missing=""
+python3 -c 'import ensurepip' 2>/dev/null || missing="$missing python3 python3-venv"
 command -v redis-server >/dev/null || missing="$missing redis-server"
 ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || missing="$missing faketime"
 command -v cc >/dev/null || missing="$missing gcc libc6-dev"
@@ -17,6 +20,8 @@ command -v systemd-analyze >/dev/null || missing="$missing systemd"
 command -v dockerd >/dev/null && command -v docker >/dev/null || missing="$missing docker.io"
 command -v debootstrap >/dev/null || missing="$missing debootstrap"
 [ -z "$missing" ] || (apt-get update -qq && apt-get install -y -qq $missing)
+# A venv without pip is one that failed half-way (python3-venv was missing): made again.
+[ -x .venv/bin/pip ] || python3 -m venv --clear .venv
 .venv/bin/pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r requirements-dev.txt -r requirements-redis.txt -r requirements-metrics.txt
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
