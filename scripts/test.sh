@@ -28,37 +28,10 @@ command -v debootstrap >/dev/null || missing="$missing debootstrap"
 .venv/bin/mypy
 .venv/bin/python scripts/size_budget.py
 
-# A Docker daemon: the one that answers, else Debian's dockerd started here in the background and stopped at the
-# end. The tests use host networking and network-less builds only, so this one makes no bridge and leaves the
-# machine's iptables alone. Checkouts testing at once share one daemon: each run holds a shared lock (fd 9) while
-# it uses Docker, and the run that started dockerd stops it only once no other run holds that lock. Checking for,
-# starting and stopping the daemon happen under a second lock (fd 8), one run at a time.
-exec 8>>/tmp/groq-proxy-docker-start.lock 9>>/tmp/groq-proxy-docker-users.lock
-dockerd_pid=""
-stop_dockerd() {
-  [ -n "$dockerd_pid" ] || return 0
-  flock -x 8
-  if flock -x -w 1800 9; then
-    kill -TERM "$dockerd_pid" && wait "$dockerd_pid" || true
-  else
-    echo "another test run still uses dockerd (pid $dockerd_pid): left running" >&2
-  fi
-}
-trap stop_dockerd EXIT
-flock -x 8
-if ! docker info >/dev/null 2>&1; then
-  dockerd_log=$(mktemp /tmp/groq-proxy-dockerd.XXXXXX.log)
-  dockerd --bridge=none --iptables=false >"$dockerd_log" 2>&1 8>&- 9>&- &
-  dockerd_pid=$!
-  for _ in $(seq 300); do
-    docker info >/dev/null 2>&1 && break
-    kill -0 "$dockerd_pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  docker info >/dev/null 2>&1 || { echo "dockerd did not start; its log: $dockerd_log" >&2; exit 1; }
-fi
-flock -s 9
-flock -u 8
+# A Docker daemon for the container tests, shared with the other checkouts testing at once, stopped by the last
+# run out when a run started it (scripts/docker_daemon.sh).
+source scripts/docker_daemon.sh
+docker_join
 status=0
 .venv/bin/python -m pytest --cov --cov-report=term "$@" || status=$?
 exit "$status"

@@ -1,16 +1,23 @@
 """scripts/test.sh's own logic, run for real with stand-ins for the programs it must not touch on this machine.
 
 The install step runs a copy of test.sh in tmp_path with stand-ins for python3 and apt-get that record their
-calls.
+calls. The shared Docker daemon (scripts/docker_daemon.sh) is run by two and three concurrent `runs` with a
+stand-in dockerd and docker: starting or stopping the machine's real daemon would break the container tests of
+the other checkouts testing at the same time.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
+from containers import wait_until
 
 RECORDER = """#!/bin/bash
 echo "$(basename "$0") $*" >>"$FAKE_STATE/calls"
@@ -45,3 +52,91 @@ def test_the_test_command_installs_python3_venv_before_it_makes_the_venv(tmp_pat
         "apt-get install -y -qq python3 python3-venv",
         "python3 -m venv --clear .venv",
     ]
+
+
+FAKE_DOCKER = """#!/bin/bash
+[ "$1" = info ] && [ -e "$FAKE_STATE/running" ]
+"""
+FAKE_DOCKERD = """#!/bin/bash
+sleep 600 &
+sleeper=$!
+trap 'rm -f "$FAKE_STATE/running"; kill "$sleeper"; exit 0' TERM
+echo "$$" >>"$FAKE_STATE/started"
+touch "$FAKE_STATE/running"
+wait "$sleeper"
+"""
+# One test run: join, say so, stay until the test closes its stdin, leave on exit.
+RUN = 'source "$1"; docker_join; touch "$2"; read -r _ || true'
+
+
+class Runs:
+    """Test runs sharing the stand-in daemon, the locks and its pid file in tmp_path."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.state = tmp_path
+        _stand_in(tmp_path / "bin", "docker", FAKE_DOCKER)
+        _stand_in(tmp_path / "bin", "dockerd", FAKE_DOCKERD)
+        (tmp_path / "locks").mkdir()
+        path = f"{tmp_path / 'bin'}:{os.environ['PATH']}"
+        self.env = {
+            **os.environ,
+            "PATH": path,
+            "FAKE_STATE": str(tmp_path),
+            "GROQ_PROXY_LOCK_DIR": str(tmp_path / "locks"),
+        }
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def join(self, name: str) -> subprocess.Popen[bytes]:
+        joined = self.state / f"{name}.joined"
+        command = ["bash", "-c", RUN, name, str(ROOT / "scripts" / "docker_daemon.sh"), str(joined)]
+        run = subprocess.Popen(command, cwd=self.state, env=self.env, stdin=subprocess.PIPE)
+        self.processes.append(run)
+        wait_until(joined.exists, 30, f"run {name} to join")
+        return run
+
+    @staticmethod
+    def leave(run: subprocess.Popen[bytes]) -> None:
+        assert run.stdin is not None
+        run.stdin.close()
+        assert run.wait(10) == 0  # TimeoutExpired: it waited for another run to leave
+
+    def started(self) -> list[int]:
+        path = self.state / "started"
+        return [int(pid) for pid in path.read_text().split()] if path.exists() else []
+
+    def running(self) -> bool:
+        return (self.state / "running").exists()
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Iterator[Runs]:
+    made = Runs(tmp_path)
+    yield made
+    for run in made.processes:
+        run.kill()
+        run.wait()
+    for pid in made.started():
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGTERM)
+
+
+def test_the_last_run_out_stops_the_dockerd_a_run_started(runs: Runs) -> None:
+    first = runs.join("first")
+    assert runs.running() and len(runs.started()) == 1
+    assert (runs.state / "locks" / "groq-proxy-dockerd.pid").read_text().split() == [str(runs.started()[0])]
+    assert (runs.state / ".dockerd.log").exists()
+    second = runs.join("second")
+    assert len(runs.started()) == 1, "the second run started a daemon of its own"
+    runs.leave(first)  # the run that started it leaves at once, while the other still uses the daemon
+    assert runs.running()
+    runs.leave(second)
+    assert not runs.running(), "the last run out left dockerd running"
+    assert not Path(f"/proc/{runs.started()[0]}").exists()
+    assert not (runs.state / "locks" / "groq-proxy-dockerd.pid").exists()
+
+
+def test_a_daemon_no_run_started_is_left_running(runs: Runs) -> None:
+    (runs.state / "running").touch()  # a daemon that answers already (the machine's own)
+    runs.leave(runs.join("only"))
+    assert runs.started() == []
+    assert runs.running()
