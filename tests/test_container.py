@@ -93,18 +93,19 @@ def test_docker_stop_lets_the_stream_in_flight_finish_then_exits_zero(
     client.start()
     wait_until(lambda: fake.chat_requests(), 10, "the stream to reach Groq")
 
-    started = time.monotonic()
     stop = subprocess.Popen(["docker", "stop", container.name], env=container.docker.env, stdout=subprocess.DEVNULL)
-    wait_until(lambda: '"msg": "Shutting down"' in container.logs(), 2, "SIGTERM to reach the service")
+    wait_until(lambda: '"msg": "Shutting down"' in container.logs(), 10, "SIGTERM to reach the service")
     assert stop.poll() is None, "the container stopped with the stream still held"
+    # docker stop's own time: from the moment the stream may finish (before, the fake holds it on purpose).
+    released = time.monotonic()
     hold.set()
     assert stop.wait(10) == 0
-    elapsed = time.monotonic() - started
+    elapsed = time.monotonic() - released
     client.join(10)
     assert [_pieces(s) for s in streamed] == [(CONTENT, "[DONE]")], "the stream was cut"
     assert fake.stream_ends[0][0] == "completed"
     assert container.inspect("{{.State.ExitCode}}") == "0"
-    assert elapsed < 2, f"docker stop took {elapsed:.2f} s"
+    assert elapsed < 2, f"docker stop took {elapsed:.2f} s once the stream was released"
 
 
 def test_docker_stop_of_an_idle_container_exits_zero_within_2_s(
