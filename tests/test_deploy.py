@@ -362,5 +362,5 @@ def test_nginx_times_out_a_silent_replica_with_its_own_504_and_never_resends(dep
     assert status == "504", outcome
     error = json.loads(body)["error"]
     assert error["type"] == "upstream_timeout"
-    assert error["message"].startswith("A replica of the service took this request"), "nginx's page, not a replica's"
+    assert error["message"].startswith("No replica of the service answered this request in time"), "nginx's page"
     assert deployment.upstream_calls() == 1, "a POST a replica took is never sent to the other"
