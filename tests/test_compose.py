@@ -192,10 +192,13 @@ def test_the_readme_rolling_restart_under_load_loses_no_request(stack: Any, fake
     try:
         load.wait_for(20)
         for name in REPLICAS:
+            sent = load.sent
             deployment.restart(name)
+            assert load.sent > sent, f"no request was sent while {name} restarted"
             load.wait_for(load.done + 20)
     finally:
         load.stop()
+    assert not load.ran_out, "the load ended before the restarts did"
     assert load.failures == []
     assert load.done == load.sent >= 60
     assert len(fake.chat_requests()) == load.sent, "a request reached Groq twice, or never"

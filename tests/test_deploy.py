@@ -196,23 +196,29 @@ def _check_stream(text: str) -> str | None:
 
 
 class Load:
-    """Clients sending /chat through nginx, alternating plain and streamed, until stopped or out of budget."""
+    """Clients sending /chat through nginx, alternating plain and streamed, until stopped or out of budget (a count
+    and a time, both far above what a test needs: the test stops it, and checks it did with `ran_out`)."""
 
-    def __init__(self, url: str, *, clients: int = 4, budget: int = 400) -> None:
+    def __init__(self, url: str, *, clients: int = 4, budget: int = 100_000, seconds: float = 300) -> None:
         self.url = url
         self.sent = 0
         self.done = 0
         self.failures: list[str] = []
+        self.ran_out = False  # set by stop(): the budget was spent before it
         self._budget = budget
+        self._deadline = time.monotonic() + seconds
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
         for thread in self._threads:
             thread.start()
 
+    def _within_budget(self) -> bool:
+        return self.sent < self._budget and time.monotonic() < self._deadline
+
     def _take(self) -> int | None:
         with self._lock:
-            if self._stop.is_set() or self.sent >= self._budget:
+            if self._stop.is_set() or not self._within_budget():
                 return None
             self.sent += 1
             return self.sent
@@ -227,10 +233,16 @@ class Load:
                         self.failures.append(failure)
 
     def wait_for(self, done: int) -> None:
-        _wait(lambda: self.done >= min(done, self._budget), 30, f"{done} requests done")
+        def reached() -> bool:
+            assert self._within_budget(), f"the load ran out of its budget before {done} requests were done"
+            return self.done >= done
+
+        _wait(reached, 30, f"{done} requests done")
 
     def stop(self) -> None:
-        self._stop.set()
+        with self._lock:
+            self.ran_out = not self._within_budget()
+            self._stop.set()
         for thread in self._threads:
             thread.join(30)
 
@@ -278,12 +290,17 @@ def test_rolling_restart_under_load_loses_no_request(deploy: Any) -> None:
     for fake in deployment.fakes.values():  # short upstream calls and streams, so some are always in flight
         fake.default = Behaviour(delay=0.02, chunk_delay=0.02)
     load = Load(deployment.nginx.url)
-    load.wait_for(20)
-    for name in REPLICAS:
-        deployment.restart(name)
-        load.wait_for(load.done + 20)
-    load.stop()
+    try:
+        load.wait_for(20)
+        for name in REPLICAS:
+            sent = load.sent
+            deployment.restart(name)
+            assert load.sent > sent, f"no request was sent while {name} restarted"
+            load.wait_for(load.done + 20)
+    finally:
+        load.stop()
 
+    assert not load.ran_out, "the load ended before the restarts did"
     assert load.failures == []
     assert load.done == load.sent >= 60
     assert deployment.upstream_calls() == load.sent, "a request reached Groq twice, or never"
