@@ -47,12 +47,12 @@ async def start(
     close = _closer(pieces, release)
     try:
         first = await lifetimes.while_connected(receive, anext(pieces))
+        fields["upstream_ms"] = elapsed_ms(started)
+        events = _relay(first, pieces, encode, error_event, fields, close)
+        return _EventStream(events, close, headers={**_HEADERS, **dict(head or ())})  # until here, no one else closes
     except BaseException:
         await close()
         raise
-    fields["upstream_ms"] = elapsed_ms(started)
-    events = _relay(first, pieces, encode, error_event, fields, close)
-    return _EventStream(events, close, headers={**_HEADERS, **dict(head or ())})
 
 
 def _closer(pieces: AsyncGenerator[Any], release: Callable[[], None]) -> Callable[[], Awaitable[None]]:

@@ -282,6 +282,32 @@ def test_the_slot_is_freed_when_closing_the_upstream_raises() -> None:
     assert released == [True]
 
 
+def test_the_slot_is_freed_and_the_upstream_closed_when_the_answer_cannot_be_built() -> None:
+    released: list[bool] = []
+    closed: list[bool] = []
+
+    async def pieces() -> AsyncGenerator[str]:
+        try:
+            yield "one"
+            yield "two"
+        finally:
+            closed.append(True)
+
+    async def receive() -> Message:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def run() -> None:
+        head = [("x-ratelimit-reset-tokens", "5\u20acs")]  # a header no response head can carry: not Latin-1
+        with pytest.raises(UnicodeEncodeError):
+            await streaming.start(
+                pieces(), str.encode, lambda error: b"", {}, lambda: released.append(True), receive, head
+            )
+        assert (released, closed) == ([True], [True])  # at once, not when the loop finalizes the generator
+
+    asyncio.run(run())
+
+
 @pytest.mark.slow
 def test_readyz_says_not_ready_once_python_app_py_gets_sigterm(fake: FakeGroq, start_process: Any) -> None:
     for _ in range(3):  # SIGTERM is acted on at uvicorn's next 0.1 s tick: a request must land before it
