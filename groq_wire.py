@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -18,6 +19,7 @@ import httpx
 import errors
 
 _TOKEN_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
+_HEADER_TEXT = re.compile(r"[\x20-\x7e]{1,128}")
 
 
 Delta = tuple[str, str]  # ("reasoning" | "content", text): one piece of a /chat stream
@@ -230,8 +232,10 @@ def sdk_error(error: object, secret: str) -> dict[str, object] | None:
 
 
 def rate_limits(headers: httpx.Headers) -> list[tuple[str, str]]:
-    """Groq's x-ratelimit-* headers, to pass on when the service has no quota of its own."""
-    return [(k, v) for k, v in headers.items() if k.startswith("x-ratelimit-") and len(v) <= 128][:16]
+    """Groq's x-ratelimit-* headers, to pass on when the service has no quota of its own: only printable ASCII,
+    as httpx decodes UTF-8 that a response head (Latin-1) could not carry."""
+    passed = [(k, v) for k, v in headers.items() if _HEADER_TEXT.fullmatch(k) and _HEADER_TEXT.fullmatch(v)]
+    return [(k, v) for k, v in passed if k.startswith("x-ratelimit-")][:16]
 
 
 def retry_after(headers: httpx.Headers) -> str | None:

@@ -394,3 +394,34 @@ def test_after_a_fallback_the_headers_are_the_answering_calls(fake: FakeGroq, st
     assert response.status_code == 200
     assert [r.body["model"] for r in fake.chat_requests()] == ["openai/gpt-oss-120b", MODEL]
     assert {k: response.headers.get_list(k) for k in GROQ_LIMITS} == {k: [v] for k, v in GROQ_LIMITS.items()}
+
+
+NOT_LATIN_1 = {"x-ratelimit-reset-tokens": "5€s"}  # httpx decodes a header's UTF-8; a response head is Latin-1
+
+
+@pytest.mark.parametrize("quota", [{}, {"QUOTA_REQUESTS_PER_MINUTE": "50"}])
+def test_a_groq_header_value_that_is_not_ascii_is_dropped_not_a_500(
+    fake: FakeGroq, start_service: Any, quota: dict[str, str]
+) -> None:
+    env = groq_env(fake, SERVICE_API_KEYS=CLIENT_TOKEN, MAX_CONCURRENCY="1", **quota)
+    service = start_service(env)
+    cases = [
+        (Behaviour(headers=NOT_LATIN_1), 200),
+        (groq_error(429, MODEL, headers=NOT_LATIN_1), 429),
+        (Behaviour(), 200),
+    ]
+    for behaviour, status in cases:  # with MAX_CONCURRENCY=1, the last ones prove every slot was freed
+        fake.default = behaviour
+        for path, body in (
+            ("/chat", {"prompt": "hi"}),
+            ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES}),
+        ):
+            for stream in (False, True):
+                with service.client.stream("POST", path, json={**body, "stream": stream}, headers=AUTH) as response:
+                    response.read()
+                assert (response.status_code, path, stream) == (status, path, stream)
+                if behaviour.headers:  # the header Groq sent not in ASCII is dropped
+                    assert "x-ratelimit-reset-tokens" not in response.headers
+                if not quota:  # Groq's other x-ratelimit-* headers are still passed on
+                    assert response.headers["x-ratelimit-limit-tokens"] in ("18000", "15000")
+    assert "Traceback" not in service.log_text() and "UnicodeEncodeError" not in service.log_text()
