@@ -276,6 +276,18 @@ def test_models_retrieve_needs_the_service_token_and_escaped_slashes_work(proxy:
     assert MODEL in MODELS
 
 
+@pytest.mark.parametrize("refused", ["qwen/qwen3.6-27b", "a//b"])  # outside ALLOWED_MODELS; no model id
+def test_a_refused_model_id_spends_no_quota(fake: FakeGroq, start_service: Any, refused: str) -> None:
+    env = groq_env(fake, SERVICE_API_KEYS=CLIENT_TOKEN, ALLOWED_MODELS=MODEL, QUOTA_REQUESTS_PER_MINUTE="1")
+    service = start_service(env)
+    response = service.client.get(f"/v1/models/{refused}", headers=AUTH)
+    assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+    response = service.client.get(f"/v1/models/{MODEL}", headers=AUTH)
+    assert response.status_code == 200 and response.json()["id"] == MODEL
+    assert service.client.get(f"/v1/models/{MODEL}", headers=AUTH).status_code == 429  # the quota is on
+    assert [r.path for r in fake.received] == [f"/openai/v1/models/{MODEL}"]
+
+
 @pytest.mark.parametrize("body", [b'{"object": "list", "data": []}', b'{"id": 5}', b"[]"])
 def test_a_model_object_of_another_shape_is_502(proxy: Service, fake: FakeGroq, body: bytes) -> None:
     fake.default = Behaviour(models_body=body)
