@@ -18,7 +18,7 @@ import openai
 import pydantic
 import pytest
 from conftest import CLIENT_TOKEN, Service, groq_env
-from fake_groq import MODELS, Behaviour, FakeGroq, groq_error
+from fake_groq import API_KEY, MODELS, Behaviour, FakeGroq, groq_error
 
 MODEL = "openai/gpt-oss-20b"
 MESSAGES = [{"role": "user", "content": "Weather in Oslo?"}]
@@ -362,6 +362,28 @@ def test_a_groq_error_event_in_a_stream_is_groqs_object(proxy: Service, fake: Fa
     last = json.loads(text.strip().split("\n\n")[-1].removeprefix("data: "))
     assert last["error"]["type"] == "internal_server_error" and last["error"]["code"] == "503"
     assert last["error"]["message"] == "Service Unavailable"
+
+
+def test_the_groq_key_is_masked_in_every_field_of_groqs_error(proxy: Service, fake: FakeGroq) -> None:
+    leaky = {"message": f"m {API_KEY}", "type": f"t {API_KEY}", "code": f"c {API_KEY}", "param": f"p {API_KEY}"}
+    masked = {key: f"{key[0]} [redacted]" for key in leaky}
+    fake.behaviours["plain"] = Behaviour(status=400, error=leaky)
+    event = b"data: " + json.dumps({"error": leaky}).encode() + b"\n\n"
+    fake.behaviours["stream"] = Behaviour(raw_events=[_first_chunk(), event])
+    response = post(proxy, {"model": "plain", "messages": MESSAGES})
+    assert response.status_code == 400 and API_KEY not in response.text
+    assert {k: v for k, v in response.json()["error"].items() if k != "request_id"} == masked
+    body = {"model": "stream", "messages": MESSAGES, "stream": True}
+    with proxy.client.stream("POST", "/v1/chat/completions", json=body, headers=AUTH) as streamed:
+        text = streamed.read().decode()
+    assert streamed.status_code == 200 and API_KEY not in text
+    last = json.loads(text.strip().split("\n\n")[-1].removeprefix("data: "))
+    assert {k: v for k, v in last["error"].items() if k != "request_id"} == masked
+
+
+def _first_chunk() -> bytes:
+    chunk = {"id": "c", "object": "chat.completion.chunk", "model": "stream", "choices": [{"index": 0, "delta": {}}]}
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
 
 
 # Item 5: Groq's rate-limit headers passed on, unless the service has a quota of its own.
