@@ -188,13 +188,13 @@ class FakeGroq:
 
     def _send(self, writer: Any, status: int, body: bytes, ctype: str, extra: dict[str, str] | None = None) -> bool:
         head = [f"HTTP/1.1 {status} X", f"content-type: {ctype}", f"content-length: {len(body)}"]
-        head += [f"{k}: {v}" for k, v in {**_RATE_HEADERS, **(extra or {})}.items()]
+        head += [f"{k}: {v}" for k, v in {**RATE_HEADERS, **(extra or {})}.items()]
         writer.write("\r\n".join(head).encode() + b"\r\n\r\n" + body)
         return True
 
     async def _stream(self, body: dict[str, Any], b: Behaviour, reader: Any, writer: Any) -> bool:
         head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
-        head += "".join(f"{k}: {v}\r\n" for k, v in {**_RATE_HEADERS, **b.headers}.items()) + "\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in {**RATE_HEADERS, **b.headers}.items()) + "\r\n"
         writer.write(head.encode())
         closed = asyncio.ensure_future(reader.read(1))  # the client closing its end shows up as EOF here
         events = list(_stream_events(body, b) if b.raw_events is None else b.raw_events)
@@ -268,7 +268,7 @@ class FakeGroq:
 
 
 _REQ = "req_01kh52ndshfr2azv0xe6tnv4fx"
-_RATE_HEADERS = {
+RATE_HEADERS = {
     "x-request-id": _REQ,
     "x-ratelimit-limit-requests": "14400",
     "x-ratelimit-limit-tokens": "18000",

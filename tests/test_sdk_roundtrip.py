@@ -18,20 +18,13 @@ import openai
 import pydantic
 import pytest
 from conftest import CLIENT_TOKEN, Service, groq_env
-from fake_groq import API_KEY, MODELS, Behaviour, FakeGroq, groq_error
+from fake_groq import API_KEY, MODELS, RATE_HEADERS, Behaviour, FakeGroq, groq_error
 
 MODEL = "openai/gpt-oss-20b"
 MESSAGES = [{"role": "user", "content": "Weather in Oslo?"}]
 AUTH = {"Authorization": f"Bearer {CLIENT_TOKEN}"}
 CALL = {"id": "c", "type": "function", "function": {"name": "f", "arguments": ""}}
-GROQ_LIMITS = {  # what the fake sends on every answer, as Groq does
-    "x-ratelimit-limit-requests": "14400",
-    "x-ratelimit-limit-tokens": "18000",
-    "x-ratelimit-remaining-requests": "14399",
-    "x-ratelimit-remaining-tokens": "17997",
-    "x-ratelimit-reset-requests": "6s",
-    "x-ratelimit-reset-tokens": "7.66s",
-}
+GROQ_LIMITS = {k: v for k, v in RATE_HEADERS.items() if k.startswith("x-ratelimit-")}  # the fake sends on all
 
 
 class GetWeather(pydantic.BaseModel):
