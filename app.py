@@ -160,9 +160,10 @@ class Service:
         await self._admit(request, chat.params.get("max_tokens") or chat.params.get("max_completion_tokens"))
         chain = self.fallbacks.chain(model, request.scope) if self.fallbacks else None
         limits: list[tuple[str, str]] = []  # Groq's x-ratelimit-*, passed on (quota.py swaps in its own)
+        body = {"messages": chat.messages, "model": model, **chat.params}
         if chat.stream:
             fields["stream"] = True
-            pieces = upstream.chat_stream(chat.messages, model, chat.params, chain, limits)
+            pieces = upstream.chat_stream(body, chain, limits)
             return await streaming.start(
                 pieces,
                 streaming.chat_encoder(fields),
@@ -173,7 +174,7 @@ class Service:
                 limits,
             )
         with self._slot(fields):
-            call = upstream.chat(chat.messages, model, chat.params, chain, limits)
+            call = upstream.chat(body, chain, limits)
             result = await lifetimes.while_connected(request.receive, call)
         streaming.log_result(
             fields, result.model, result.usage, fields.get("completion") is not None and result.content

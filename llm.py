@@ -107,16 +107,12 @@ class Upstream:
         return raw, groq_wire.completion(raw)
 
     async def chat(
-        self,
-        messages: Messages,
-        model: str,
-        params: dict[str, Any],
-        chain: Chain | None = None,
-        rate_limits: RateLimits = None,
+        self, body: dict[str, Any], chain: Chain | None = None, rate_limits: RateLimits = None
     ) -> ChatResult:
-        _, data = await self.complete({"messages": messages, "model": model, **params}, chain, rate_limits)
+        """/chat's answer to a body of its messages, model and parameters (validation.ChatRequest's)."""
+        _, data = await self.complete(body, chain, rate_limits)
         result = groq_wire.result(data)
-        return result if _shows_reasoning(params) else dataclasses.replace(result, reasoning=None)
+        return result if _shows_reasoning(body) else dataclasses.replace(result, reasoning=None)
 
     async def models(self, rate_limits: RateLimits = None) -> dict[str, Any]:
         return groq_wire.model_list(await self._call(MODELS_PATH, None, rate_limits=rate_limits))
@@ -221,21 +217,16 @@ class Upstream:
                         await response.aclose()
 
     async def chat_stream(
-        self,
-        messages: Messages,
-        model: str,
-        params: dict[str, Any],
-        chain: Chain | None = None,
-        rate_limits: RateLimits = None,
+        self, body: dict[str, Any], chain: Chain | None = None, rate_limits: RateLimits = None
     ) -> AsyncGenerator[list[Delta] | ChatResult]:
         """Yield lists of reasoning and text deltas (one list per read from Groq), then the final ChatResult.
 
         The first list comes with Groq's first chunk even when that holds no text (a reasoning model's
         first chunk is only its role), so a stream can start while the model is still thinking.
         """
-        final: dict[str, Any] = {"model": model}
-        finish_reason, first, shows_reasoning = None, True, _shows_reasoning(params)
-        body = {"messages": messages, "model": model, **params, "stream_options": _INCLUDE_USAGE}
+        final: dict[str, Any] = {"model": body["model"]}
+        finish_reason, first, shows_reasoning = None, True, _shows_reasoning(body)
+        body = {**body, "stream_options": _INCLUDE_USAGE}
         async with contextlib.aclosing(self.stream_events(body, chain, rate_limits)) as stream:
             async for events in stream:
                 deltas: list[Delta] = []
@@ -257,18 +248,18 @@ class Upstream:
         yield ChatResult("", str(final["model"]), groq_wire.usage(final.get("usage")), finish_reason)
 
 
-def _shows_reasoning(params: dict[str, Any]) -> bool:
+def _shows_reasoning(body: dict[str, Any]) -> bool:
     """Whether the client asked to see reasoning; gpt-oss sends it unasked, and unasked it would change the answer."""
-    return params.get("include_reasoning") is True or params.get("reasoning_format") == "parsed"
+    return body.get("include_reasoning") is True or body.get("reasoning_format") == "parsed"
 
 
 def chat_completion(messages: Messages, model: str | None = None, **params: Any) -> ChatResult:
     """For scripts: blocking, config from env/`.env`; the app's code on a private loop, so not inside a running one."""
 
     async def run() -> ChatResult:
-        upstream, request = _script_call(messages, model, params)
+        upstream, body = _script_call(messages, model, params)
         try:
-            return await upstream.chat(*request)
+            return await upstream.chat(body)
         finally:
             await upstream.aclose()
 
@@ -277,9 +268,9 @@ def chat_completion(messages: Messages, model: str | None = None, **params: Any)
 
 def stream_chat_completion(messages: Messages, model: str | None = None, **params: Any) -> Iterator[str | ChatResult]:
     """Blocking stream for scripts: text deltas as they arrive (not the reasoning), then the final ChatResult."""
-    upstream, request = _script_call(messages, model, params)
+    upstream, body = _script_call(messages, model, params)
     loop = asyncio.new_event_loop()
-    pieces = upstream.chat_stream(*request)
+    pieces = upstream.chat_stream(body)
     try:
         while (piece := loop.run_until_complete(anext(pieces, None))) is not None:
             yield from (text for kind, text in piece if kind == "content") if isinstance(piece, list) else [piece]
@@ -289,10 +280,9 @@ def stream_chat_completion(messages: Messages, model: str | None = None, **param
         loop.close()
 
 
-def _script_call(
-    messages: Messages, model: str | None, params: dict[str, Any]
-) -> tuple[Upstream, tuple[Messages, str, dict[str, Any]]]:
+def _script_call(messages: Messages, model: str | None, params: dict[str, Any]) -> tuple[Upstream, dict[str, Any]]:
     settings = load_settings()
     body: dict[str, Any] = {"messages": messages, **params, **({"model": model} if model is not None else {})}
     request = parse_chat(body, allowed_models=settings.allowed_models)
-    return Upstream(settings), (request.messages, request.model or settings.groq_model, request.params)
+    model = request.model or settings.groq_model
+    return Upstream(settings), {"messages": request.messages, "model": model, **request.params}
