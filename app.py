@@ -22,6 +22,8 @@ from starlette.routing import Route
 import body
 import errors
 import lifetimes
+import middleware
+import reloading
 import shutdown
 import streaming
 from config import Settings
@@ -39,8 +41,9 @@ logger = logging.getLogger("service")
 _JSON = "application/json"
 
 
-def create_app(settings: Settings) -> Starlette:
-    service = Service(settings)
+def create_app(settings: Settings, *, reload_on_hup: bool = False) -> Starlette:
+    """reload_on_hup: SIGHUP reloads the keys file and the secrets' files (reloading.py); main thread only."""
+    service = Service(settings, reload_on_hup=reload_on_hup)
     routes = [
         Route("/", service.status),
         Route("/healthz", service.healthz),
@@ -86,11 +89,7 @@ def create_app(settings: Settings) -> Starlette:
         Middleware(shutdown.EndOnShutdown, requests=service.requests),
         *(cors if settings.cors_origins else []),
         Middleware(
-            Authorize,
-            keys=settings.service_api_keys,
-            clients=settings.service_keys,
-            allowed_hosts=settings.allowed_hosts,
-            cors_origins=settings.cors_origins,
+            Authorize, keyring=service.keyring, allowed_hosts=settings.allowed_hosts, cors_origins=settings.cors_origins
         ),
         *([Middleware(service.quota.gate)] if service.quota else []),
     ]
@@ -106,10 +105,12 @@ def create_app(settings: Settings) -> Starlette:
 
 
 class Service:
-    """Per-process state (settings, the Groq client, requests in flight) and the route handlers."""
+    """Per-process state (settings, clients, the Groq client, requests in flight) and the route handlers."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(self, settings: Settings, *, reload_on_hup: bool = False) -> None:
+        self.settings = settings  # replaced, with keyring and upstream, by a reload (reloading.py)
+        self.keyring = middleware.Keyring(settings.service_api_keys, settings.service_keys)
+        self.reload_on_hup = reload_on_hup
         self.upstream: Upstream | None = None
         self.in_flight = 0
         self.draining = False
@@ -129,9 +130,14 @@ class Service:
             logger.warning("SERVICE_API_KEYS is not set: /chat answers loopback clients only")
         if self.settings.redis_url and self.quota is None:
             logger.warning("REDIS_URL is set but no quota is; Redis is not used")
+        reloader = reloading.Reloader(self) if self.reload_on_hup else None
+        if reloader is not None:
+            reloader.install()
         try:
             yield {"client_timeout": self.settings.client_timeout, "metrics": self.metrics}  # framing.py reads both
         finally:
+            if reloader is not None:
+                reloader.uninstall()
             if self.upstream is not None:
                 await self.upstream.aclose()
             if self.quota is not None:
@@ -153,7 +159,7 @@ class Service:
         return _json({"status": "ready"})
 
     async def chat(self, request: Request) -> Response:
-        upstream = self._upstream()
+        self._upstream()  # 503 before reading the body; the call takes the Upstream of its time (a reload swaps it)
         chat = parse_chat(await self._body(request), allowed_models=self._allowed_models(request))
         model = chat.model or self.settings.groq_model
         fields = self._log_request(request, model, chat.messages, chat.stream)
@@ -163,7 +169,7 @@ class Service:
         body = {"messages": chat.messages, "model": model, **chat.params}
         if chat.stream:
             fields["stream"] = True
-            pieces = upstream.chat_stream(body, chain, limits)
+            pieces = self._upstream().chat_stream(body, chain, limits)
             return await streaming.start(
                 pieces,
                 streaming.chat_encoder(fields),
@@ -174,7 +180,7 @@ class Service:
                 limits,
             )
         with self._slot(fields):
-            call = upstream.chat(body, chain, limits)
+            call = self._upstream().chat(body, chain, limits)
             result = await lifetimes.while_connected(request.receive, call)
         streaming.log_result(
             fields, result.model, result.usage, fields.get("completion") is not None and result.content
@@ -183,7 +189,7 @@ class Service:
 
     async def completions(self, request: Request) -> Response:
         """The groq and openai SDKs' own route: Groq's body and stream relayed as Groq sent them."""
-        upstream = self._upstream()
+        self._upstream()
         completion = parse_completion(await self._body(request), allowed_models=self._allowed_models(request))
         fields = self._log_request(request, completion.model, completion.body["messages"], completion.stream)
         body = completion.body
@@ -193,12 +199,12 @@ class Service:
         if completion.stream:
             fields["stream"] = True
             body, strip_usage = self.quota.ask_for_usage(body) if self.quota else (body, False)
-            events, encode = upstream.stream_events(body, chain, limits), streaming.relay_encoder(fields, strip_usage)
+            events, encode = self._upstream().stream_events(body, chain, limits), streaming.relay_encoder(fields, strip_usage)
             return await streaming.start(
                 events, encode, streaming.openai_error_event, fields, self._release, request.receive, limits
             )
         with self._slot(fields):
-            call = upstream.complete(completion.body, chain, limits)
+            call = self._upstream().complete(completion.body, chain, limits)
             raw, data = await lifetimes.while_connected(request.receive, call)
         streaming.note_completion(fields, data)
         return Response(raw, headers=dict(limits), media_type=_JSON)
@@ -281,7 +287,7 @@ def _app_from_environment() -> Starlette:
     """`app:app` for `python -m uvicorn` and for each worker: settings and logging set up on first use."""
     import server  # it imports this module, so not at the top
 
-    return create_app(server.configure_from_environment()[0])
+    return create_app(server.configure_from_environment()[0], reload_on_hup=True)
 
 
 def __getattr__(name: str) -> Any:

@@ -22,6 +22,7 @@ from env_values import (
     check_host_pattern,
     check_model,
     check_origin,
+    read_secret_files,
     shown,
 )
 
@@ -77,6 +78,9 @@ class Settings:
     quota_day: float = 86400.0
     allowed_hosts: tuple[str, ...] = ()
     metrics: bool = False
+    # The variables as read at start (the real environment over `.env`): a reload (SIGHUP, reloading.py) reads
+    # the files they name again, never the environment.
+    environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def secrets(self) -> tuple[str, ...]:
         """What must never reach a log line or a client: the Groq key, the client tokens, Redis's password."""
@@ -91,12 +95,15 @@ class Settings:
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Settings from `environ` (default: `.env` overlaid by the real environment, which wins)."""
+    resolved = None
     try:
         if environ is None:
             environ = {**_dotenv(Path(".env")), **os.environ}
-        return _parse(environ)
+        resolved, files = read_secret_files(environ)
+        return _parse(resolved, files, environ)
     except SettingsError as exc:
-        known = os.environ if environ is None else environ  # a .env that cannot be parsed is not used at all
+        # What to mask: the secrets as read from their files, if that went well; an unparsable .env is not used
+        known = resolved if resolved is not None else os.environ if environ is None else environ
         error = SettingsError(_masked(str(exc), known))  # a secret pasted into the wrong variable stays hidden
         error.log_format = "text" if known.get("LOG_FORMAT", "").strip().lower() == "text" else "json"
         raise error from None
@@ -136,8 +143,8 @@ def _masked(message: str, environ: Mapping[str, str]) -> str:
     return message
 
 
-def _parse(environ: Mapping[str, str]) -> Settings:
-    env = Reader(environ)
+def _parse(environ: Mapping[str, str], files: Mapping[str, str], source: Mapping[str, str]) -> Settings:
+    env = Reader(environ, files)
     default = Settings()
     settings = Settings(
         groq_api_key=env.secret("GROQ_API_KEY"),
@@ -171,6 +178,7 @@ def _parse(environ: Mapping[str, str]) -> Settings:
         redis_timeout=env.seconds("REDIS_TIMEOUT", default.redis_timeout),
         metrics=env.choice("METRICS", "false", ("true", "false")) == "true",
         allowed_hosts=tuple(check_host_pattern("ALLOWED_HOSTS", h) for h in env.csv("ALLOWED_HOSTS")),
+        environ=dict(source),
     )
     if settings.allowed_models and settings.groq_model not in settings.allowed_models:
         raise SettingsError(f"GROQ_MODEL must be one of ALLOWED_MODELS ({shown(settings.groq_model)})")

@@ -6,7 +6,7 @@ import ipaddress
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MODEL_PATTERN = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -15,6 +15,8 @@ _LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 _HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?", re.I)
 _ORIGIN = re.compile(r"(https?)://(\[[0-9a-f:.]+\]|[^/:\[\]]+)(?::([0-9]{1,5}))?", re.I)
 _SHOWN_MAX = 24  # a longer value is described, not echoed: it may hold a secret pasted into the wrong variable
+# Each secret may come from a file instead (Docker secrets, systemd's LoadCredential=): <NAME>_FILE holds its path.
+SECRET_VARIABLES = ("GROQ_API_KEY", "SERVICE_API_KEYS", "REDIS_URL")
 
 
 class SettingsError(ValueError):
@@ -23,9 +25,37 @@ class SettingsError(ValueError):
     log_format = "json"  # how to report it: the LOG_FORMAT that was asked for, if that much was valid
 
 
+def read_secret_files(environ: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """The environment with each secret set by <NAME>_FILE read from its file, and {name: path} of those read.
+
+    The file's content is the value, less one trailing newline; it is never put in a message.
+    """
+    files = {
+        name: environ[f"{name}_FILE"].strip() for name in SECRET_VARIABLES if environ.get(f"{name}_FILE", "").strip()
+    }
+    resolved = dict(environ)
+    for name, path in files.items():
+        if environ.get(name, "").strip():
+            raise SettingsError(f"Set {name} or {name}_FILE, not both")
+        try:
+            with open(path, encoding="utf-8", newline="") as file:  # exactly as written: no \r\n made \n
+                resolved[name] = file.read().removesuffix("\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+            raise SettingsError(f"{name}_FILE: {path} cannot be read ({reason})") from None
+        if not resolved[name]:
+            raise SettingsError(f"{name}_FILE: {path} is empty")
+    return resolved, files
+
+
 @dataclass(frozen=True, slots=True)
 class Reader:
     environ: Mapping[str, str]
+    files: Mapping[str, str] = field(default_factory=dict)  # {name: path} of the secrets read from files
+
+    def _label(self, name: str) -> str:
+        """How a message names a secret: by its file when it came from one (the value is never shown)."""
+        return f"{name}_FILE ({self.files[name]})" if name in self.files else name
 
     def _raw(self, name: str) -> str | None:
         value = self.environ.get(name, "").strip()
@@ -48,7 +78,9 @@ class Reader:
     def redis_url(self, name: str) -> str | None:
         raw = self._raw(name)
         if raw is not None and not re.fullmatch(r"rediss?://[^\s/?#]+(/[0-9]{0,5})?", raw):
-            raise SettingsError(f"{name} must look like redis://host:port/db or rediss://... (its value is not shown)")
+            raise SettingsError(
+                f"{self._label(name)} must look like redis://host:port/db or rediss://... (its value is not shown)"
+            )
         return raw
 
     def seconds(self, name: str, default: float) -> float:
@@ -95,8 +127,8 @@ class Reader:
         value = self.environ.get(name, "")
         if value and not re.fullmatch(r"[!-~]+", value):
             raise SettingsError(
-                f"{name} must be printable ASCII without spaces or control characters (check for a trailing"
-                " newline, spaces or quotes); the value is not shown"
+                f"{self._label(name)} must be printable ASCII without spaces or control characters (check for a"
+                " trailing newline, spaces or quotes); the value is not shown"
             )
         return value or None
 
@@ -104,10 +136,10 @@ class Reader:
         """Comma-separated secrets; spaces next to a comma only separate them."""
         tokens = tuple(part.strip(" ") for part in self.environ.get(name, "").split(",") if part.strip(" "))
         for token in tokens:
-            Reader({name: token}).secret(name)
+            Reader({name: token}, self.files).secret(name)
             if len(token) < MIN_TOKEN_LENGTH:
                 raise SettingsError(
-                    f"{name} entries must be at least {MIN_TOKEN_LENGTH} characters; make each with"
+                    f"{self._label(name)} entries must be at least {MIN_TOKEN_LENGTH} characters; make each with"
                     ' python -c "import secrets; print(secrets.token_urlsafe(24))"; the value is not shown'
                 )
         return tokens

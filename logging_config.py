@@ -26,8 +26,12 @@ class _Formatter(logging.Formatter):
     def __init__(self, *, as_json: bool, secrets: tuple[str, ...] = ()) -> None:
         super().__init__()
         self._as_json = as_json
+        self._secrets: tuple[str, ...] = ()
+        self.mask(secrets)
+
+    def mask(self, secrets: tuple[str, ...]) -> None:
         # As written and as JSON escapes it, so a secret holding a quote or non-ASCII is masked too.
-        self._secrets = tuple({form for s in secrets if s for form in (s, json.dumps(s)[1:-1])})
+        self._secrets = tuple({*self._secrets, *(form for s in secrets if s for form in (s, json.dumps(s)[1:-1]))})
 
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] = {
@@ -89,6 +93,13 @@ def configure(
     logging.config.dictConfig(config)
     logging.captureWarnings(True)
     return config
+
+
+def mask(secrets: tuple[str, ...]) -> None:
+    """Mask these secrets too (a reload read new ones); those already masked stay masked."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler.formatter, _Formatter):
+            handler.formatter.mask(secrets)
 
 
 def fatal_line(message: str, *, fmt: str) -> str:

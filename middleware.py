@@ -100,6 +100,21 @@ class RequestLog:
             logging_config.REQUEST_ID.reset(token)
 
 
+class Keyring:
+    """The clients Authorize knows, by their token's SHA-256; a reload replaces them for the requests after it."""
+
+    def __init__(self, keys: tuple[str, ...], clients: tuple[ServiceKey, ...] = ()) -> None:
+        self.replace(keys, clients)
+
+    def replace(self, keys: tuple[str, ...], clients: tuple[ServiceKey, ...]) -> None:
+        digests = [hashlib.sha256(k.encode()) for k in keys]
+        # Tokens from SERVICE_API_KEYS are known by an 8-hex key_id, entries of SERVICE_KEYS_FILE by their name.
+        self.clients = {c.sha256: c for c in clients} or {
+            d.digest(): ServiceKey(d.hexdigest()[:8], d.digest()) for d in digests
+        }
+        self.log_as = "key" if clients else "key_id"
+
+
 class Authorize:
     """Every route but the open ones needs a service token, or a loopback peer when none is configured.
 
@@ -113,19 +128,13 @@ class Authorize:
     def __init__(
         self,
         app: ASGIApp,
-        keys: tuple[str, ...],
-        clients: tuple[ServiceKey, ...] = (),
+        keyring: Keyring,
         allowed_hosts: tuple[str, ...] = (),
         cors_origins: tuple[str, ...] = (),
     ) -> None:
         self.app = app
-        digests = [hashlib.sha256(k.encode()) for k in keys]
-        # Tokens from SERVICE_API_KEYS are known by an 8-hex key_id, entries of SERVICE_KEYS_FILE by their name.
-        self._digests = {c.sha256: c for c in clients} or {
-            d.digest(): ServiceKey(d.hexdigest()[:8], d.digest()) for d in digests
-        }
-        self._log_as = "key" if clients else "key_id"
-        self._hosts = allowed_hosts if allowed_hosts or not self._digests else None  # None: no Host check
+        self._keyring = keyring  # a reload never turns tokens on or off (reloading.py), so _hosts stays right
+        self._hosts = allowed_hosts if allowed_hosts or not keyring.clients else None  # None: no Host check
         self._origins = frozenset(cors_origins)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -149,7 +158,7 @@ class Authorize:
                 " such as a web page's domain that resolves here. The operator can add a name to ALLOWED_HOSTS."
             )
         origin = _header(scope, b"origin")
-        if self._digests or origin is None or "*" in self._origins or origin.lower() in self._origins:
+        if self._keyring.clients or origin is None or "*" in self._origins or origin.lower() in self._origins:
             return None
         match = _ORIGIN.fullmatch(origin.lower())
         if match is None or not _is_loopback_name(_host(match.group(1))):
@@ -160,7 +169,7 @@ class Authorize:
         return None
 
     def _refusal(self, scope: Scope) -> ServiceError | None:
-        if not self._digests:
+        if not self._keyring.clients:
             forwarded = any(k in _FORWARDING for k, _ in scope["headers"])
             if _is_loopback(scope.get("client")) and not forwarded:
                 scope[CLIENT] = LOCAL
@@ -170,7 +179,7 @@ class Authorize:
         if client is None:
             message = "A valid service token is required: send Authorization: Bearer <token>."
             return Unauthorized(message, headers={"WWW-Authenticate": "Bearer"})
-        scope[LOG_FIELDS][self._log_as] = client.name
+        scope[LOG_FIELDS][self._keyring.log_as] = client.name
         scope[CLIENT] = client
         return None
 
@@ -179,7 +188,7 @@ class Authorize:
         scheme, _, token = header.partition(b" ")
         digest = hashlib.sha256(token.strip()).digest()
         found = None
-        for known, client in self._digests.items():  # compare with every key, in constant time
+        for known, client in self._keyring.clients.items():  # compare with every key, in constant time
             if hmac.compare_digest(digest, known) and scheme.lower() == b"bearer":
                 found = client
         return found

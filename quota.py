@@ -61,13 +61,14 @@ class Quota:
         limits = (settings.quota_requests_per_minute, settings.quota_tokens_per_minute, settings.quota_tokens_per_day)
         self._defaults = limits
         self._reserve = settings.quota_default_reserve
-        self._limits: dict[str, Limits] = {}  # by client name: one entry per configured client (and `local`)
+        # By client entry, which a reload can change; the counts are by client name, which a reload keeps.
+        self._limits: dict[ServiceKey, Limits] = {}
 
     def limits(self, client: ServiceKey) -> Limits:
-        if (limits := self._limits.get(client.name)) is None:
+        if (limits := self._limits.get(client)) is None:
             own = (client.requests_per_minute, client.tokens_per_minute, client.tokens_per_day)
             limits = Limits(*(mine or default or 0 for mine, default in zip(own, self._defaults, strict=True)))
-            self._limits[client.name] = limits
+            self._limits[client] = limits
         return limits
 
     def gate(self, app: ASGIApp) -> QuotaGate:

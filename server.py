@@ -6,9 +6,11 @@
    with our envelope and an access line, and closes cleanly (no reset) after refusing a body still arriving.
 2. After a graceful shutdown on SIGTERM, uvicorn re-raises the signal to itself (exit 143); `_Server`
    exits 0 instead, and ignores a repeated SIGTERM while the interpreter winds down after the drain.
-   It treats SIGHUP like SIGTERM, and at SHUTDOWN_TIMEOUT (or at a second Ctrl-C) ends the requests still
-   running with 503 shutting_down (shutdown.py) before uvicorn's own cancellation, a second later, would; an
-   answer its client is not taking is cut then by aborting the connection (`framing.GuardedProtocol._abort`).
+   SIGHUP reloads the keys and secrets' files (reloading.py, installed by the app's lifespan; with WORKERS > 1
+   the parent sends it on to each worker, workers.py). At SHUTDOWN_TIMEOUT (or at a second Ctrl-C) it ends
+   the requests still running with 503 shutting_down (shutdown.py) before uvicorn's own cancellation, a second
+   later, would; an answer its client is not taking is cut then by aborting the connection
+   (`framing.GuardedProtocol._abort`).
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ class _Server(uvicorn.Server):
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
-        handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        handled = (signal.SIGINT, signal.SIGTERM)  # SIGHUP: the lifespan's reload (reloading.py)
         original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
         try:
             yield
@@ -116,7 +118,7 @@ def configure_from_environment() -> tuple[Settings, dict[str, Any]]:
 def main() -> None:
     settings, log_config = configure_from_environment()
     if settings.workers > 1:  # each worker builds its own app from "app:app"
-        from uvicorn.supervisors import Multiprocess  # imported only when used: it costs ~2 MB
+        from workers import Workers  # imported only when used: uvicorn's supervisor costs ~2 MB
 
         config = uvicorn_config(settings, "app:app", log_config)
         shared: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
@@ -125,10 +127,11 @@ def main() -> None:
 
             shared = metrics.shared_directory()
         with shared:
-            Multiprocess(config, sockets=[config.bind_socket()]).run()
+            Workers(config, sockets=[config.bind_socket()]).run()
     else:
-        app = create_app(settings)
+        app = create_app(settings, reload_on_hup=True)
         config = uvicorn_config(settings, app, log_config)
         service = app.state.service
         on_exit = functools.partial(setattr, service, "draining", True)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the app's lifespan installs the reload (reloading.py)
         _Server(config, on_exit, requests=service.requests, deadline=settings.shutdown_timeout).run()

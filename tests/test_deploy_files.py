@@ -155,6 +155,12 @@ def test_the_unit_has_every_directive_the_deployment_relies_on() -> None:
         "EnvironmentFile": ["/etc/groq-proxy/env"],
         "ExecStart": ["/opt/groq-proxy/.venv/bin/python app.py"],
         "KillSignal": ["SIGTERM"],
+        "ExecReload": ["/bin/kill -HUP $MAINPID"],  # SIGHUP reloads (reloading.py)
+        "LoadCredential": [
+            "groq_api_key:/etc/groq-proxy/groq_api_key",
+            "service_api_keys:/etc/groq-proxy/service_api_keys",
+        ],
+        "Environment": ["GROQ_API_KEY_FILE=%d/groq_api_key SERVICE_API_KEYS_FILE=%d/service_api_keys"],
     }
     assert {key: directives.get(key) for key in expected} == expected
     assert float(directives["TimeoutStopSec"][0]) > Settings().shutdown_timeout + 10

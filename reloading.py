@@ -1,0 +1,73 @@
+"""SIGHUP: read SERVICE_KEYS_FILE and the secrets' files (`*_FILE`) again, for the requests that start after.
+
+The environment and `.env` are not read again: the reload parses the variables as they were at start, so every
+value from a file passes the same checks as at start. A reload that fails changes nothing and logs one ERROR;
+one that succeeds logs one line naming the clients. Requests in flight keep the client entry and the Groq
+connection they were admitted with; the Groq clients made with an old key close once their calls end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import TYPE_CHECKING
+
+import logging_config
+from config import Settings, SettingsError, load_settings
+from llm import Upstream
+
+if TYPE_CHECKING:
+    from app import Service
+
+logger = logging.getLogger("service")
+
+
+class Reloader:
+    """Installed by the app's lifespan in `python app.py` and in each of its workers (server.py, workers.py)."""
+
+    def __init__(self, service: Service) -> None:
+        self._service = service
+        self._retiring: set[asyncio.Task[None]] = set()  # old Groq clients waiting for their calls to end
+
+    def install(self) -> None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
+
+    def uninstall(self) -> None:
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # shutting down: a reload would have nothing to apply to
+
+    def reload(self) -> None:
+        service = self._service
+        try:
+            settings = load_settings(service.settings.environ)
+            _check_applicable(service.settings, settings, quota_on=service.quota is not None)
+        except SettingsError as exc:
+            logger.error("reload failed, the configuration in use stays: %s", exc)
+            return
+        logging_config.mask(settings.secrets())  # before anything could log them
+        service.keyring.replace(settings.service_api_keys, settings.service_keys)
+        old = service.upstream
+        if settings.groq_api_key != service.settings.groq_api_key and old is not None:
+            service.upstream = Upstream(settings)
+            task = asyncio.get_running_loop().create_task(old.retire())
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        service.settings = settings
+        names = [client.name for client in service.keyring.clients.values()]
+        logger.info(
+            "reloaded: %d client(s): %s",
+            len(names),
+            ", ".join(names) or "none (loopback only)",
+            extra={"fields": {"clients": names}},
+        )
+
+
+def _check_applicable(old: Settings, new: Settings, *, quota_on: bool) -> None:
+    """What a reload cannot change in a running process, refused so the reload changes nothing."""
+    if bool(old.service_api_keys or old.service_keys) != bool(new.service_api_keys or new.service_keys):
+        raise SettingsError("service tokens cannot be turned on or off by a reload; restart the service")
+    if new.quotas_on() and not quota_on:
+        raise SettingsError("SERVICE_KEYS_FILE sets a limit, but quotas were off at start; restart to turn them on")
+    if quota_on and new.redis_url != old.redis_url:
+        raise SettingsError("REDIS_URL_FILE changed; the quota's Redis connection is made at start: restart")
