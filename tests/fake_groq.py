@@ -87,6 +87,7 @@ class FakeGroq:
         self.connections = 0  # accepted, for the benchmark's count of upstream connections opened
         self.models_delay = 0.0  # before the answer to GET /openai/v1/models
         self.closed_early: list[tuple[str, float]] = []  # (path, monotonic time) of a client gone before its answer
+        self.open_keys: dict[int, str] = {}  # each open connection's latest Authorization header, by connection
 
     @property
     def url(self) -> str:
@@ -131,11 +132,13 @@ class FakeGroq:
                 raw = await reader.readexactly(int(headers.get("content-length", "0")))
                 body = json.loads(raw) if raw else None
                 self.received.append(Received(method, path, headers, body))
+                self.open_keys[id(writer)] = headers.get("authorization", "")
                 if not await self._respond(method, path, headers, body, reader, writer):
                     break
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
         finally:
+            self.open_keys.pop(id(writer), None)
             writer.close()
 
     async def _respond(

@@ -180,6 +180,11 @@ def test_the_groq_key_rotated_through_its_file(
         gate.set()
         assert finished_text(stream) == CONTENT  # on its old connection, with the old key
     assert fake.stream_ends[0][0] == "completed"
+    deadline = time.monotonic() + 10
+    while f"Bearer {API_KEY}" in fake.open_keys.copy().values():  # the old key's connection closes once its call ended
+        assert time.monotonic() < deadline, "the old Groq client kept its connection open"
+        time.sleep(0.02)
+    assert f"Bearer {NEW_GROQ_KEY}" in fake.open_keys.copy().values()  # while the new one is kept alive for reuse
     assert proc.stop() == 0
     assert not any(key in line for line in proc.lines for key in (API_KEY, NEW_GROQ_KEY))
 
