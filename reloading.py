@@ -41,15 +41,17 @@ class Reloader:
         service = self._service
         try:
             settings = load_settings(service.settings.environ)
-            _check_applicable(service.settings, settings, quota_on=service.quota is not None)
+            check_applicable(service.settings, settings, quota_on=service.quota is not None)
         except SettingsError as exc:
             logger.error("reload failed, the configuration in use stays: %s", exc)
             return
+        old, new = service.upstream, None
+        if old is not None and settings.groq_api_key != service.settings.groq_api_key:
+            new = Upstream(settings)  # made before anything changes
         logging_config.mask(settings.secrets())  # before anything could log them
         service.keyring.replace(settings.service_api_keys, settings.service_keys)
-        old = service.upstream
-        if settings.groq_api_key != service.settings.groq_api_key and old is not None:
-            service.upstream = Upstream(settings)
+        if old is not None and new is not None:
+            service.upstream = new
             task = asyncio.get_running_loop().create_task(old.retire())
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
@@ -63,7 +65,7 @@ class Reloader:
         )
 
 
-def _check_applicable(old: Settings, new: Settings, *, quota_on: bool) -> None:
+def check_applicable(old: Settings, new: Settings, *, quota_on: bool) -> None:
     """What a reload cannot change in a running process, refused so the reload changes nothing."""
     if bool(old.service_api_keys or old.service_keys) != bool(new.service_api_keys or new.service_keys):
         raise SettingsError("service tokens cannot be turned on or off by a reload; restart the service")

@@ -22,6 +22,9 @@ from conftest import Process, groq_env
 from fake_groq import API_KEY, Behaviour, FakeGroq
 from test_streaming import sse_events
 
+from config import ServiceKey, Settings, SettingsError
+from reloading import check_applicable
+
 pytestmark = pytest.mark.slow
 HELD = "openai/gpt-oss-120b"  # the model whose streams the fake holds before their first word
 ALPHA = "svc_alpha_canary_token_11111111"
@@ -52,6 +55,15 @@ def auth(token: str) -> dict[str, str]:
 def reload_lines(proc: Process, level: str) -> list[dict[str, Any]]:
     lines = [json.loads(line) for line in proc.lines if line.startswith("{")]
     return [line for line in lines if line["msg"].startswith(("reload", "reloaded")) and line["level"] == level]
+
+
+def started(proc: Process, workers: int) -> Process:
+    """Wait until every worker has started (the first one answering is not enough: the others read the files)."""
+    deadline = time.monotonic() + 60
+    while sum('"Application startup complete."' in line for line in proc.lines) < workers:
+        assert time.monotonic() < deadline, "the workers did not start:\n" + "\n".join(proc.lines)
+        time.sleep(0.02)
+    return proc
 
 
 def hup_and_wait(proc: Process, workers: int, level: str = "INFO") -> list[dict[str, Any]]:
@@ -99,7 +111,7 @@ def test_keys_added_removed_and_changed_while_streams_run(
 ) -> None:
     keys = tmp_path / "keys.toml"
     write_keys(keys, {"alpha": ALPHA, "beta": BETA})
-    proc = start_process(groq_env(fake, SERVICE_KEYS_FILE=str(keys), WORKERS=str(workers)))
+    proc = started(start_process(groq_env(fake, SERVICE_KEYS_FILE=str(keys), WORKERS=str(workers))), workers)
     with httpx.Client(base_url=proc.url, timeout=30) as client, held_streams(client, [ALPHA, BETA]) as streams:
         assert [s.status_code for s in streams] == [200, 200]
         write_keys(keys, {"beta": BETA_NEW, "gamma": GAMMA})  # alpha removed, beta's token changed, gamma added
@@ -142,7 +154,7 @@ def test_a_broken_file_on_reload_changes_nothing(
     files["groq"].write_text(API_KEY + "\n")
     env = groq_env(fake, SERVICE_KEYS_FILE=str(files["keys"]), GROQ_API_KEY_FILE=str(files["groq"]))
     del env["GROQ_API_KEY"]
-    proc = start_process({**env, "WORKERS": str(workers)})
+    proc = started(start_process({**env, "WORKERS": str(workers)}), workers)
     good = {name: path.read_text() for name, path in files.items()}
     with httpx.Client(base_url=proc.url, timeout=30) as client:
         for which, text, message in BROKEN:
@@ -168,7 +180,7 @@ def test_the_groq_key_rotated_through_its_file(
     key_file.write_text(API_KEY + "\n")
     env = groq_env(fake, GROQ_API_KEY_FILE=str(key_file), WORKERS=str(workers))
     del env["GROQ_API_KEY"]
-    proc = start_process(env)
+    proc = started(start_process(env), workers)
     with httpx.Client(base_url=proc.url, timeout=30) as client, held_streams(client, [""]) as [stream]:
         assert stream.status_code == 200
         key_file.write_text(NEW_GROQ_KEY + "\n")
@@ -176,6 +188,8 @@ def test_the_groq_key_rotated_through_its_file(
         hup_and_wait(proc, workers)
         seen = len(fake.received)
         assert statuses(client, "") == {200}
+        echoed = client.get("/healthz", headers={"x-request-id": NEW_GROQ_KEY})  # the log masks the new key too
+        assert echoed.headers["x-request-id"] == NEW_GROQ_KEY
         assert {r.headers["authorization"] for r in fake.received[seen:]} == {f"Bearer {NEW_GROQ_KEY}"}
         gate.set()
         assert finished_text(stream) == CONTENT  # on its old connection, with the old key
@@ -187,6 +201,7 @@ def test_the_groq_key_rotated_through_its_file(
     assert f"Bearer {NEW_GROQ_KEY}" in fake.open_keys.copy().values()  # while the new one is kept alive for reuse
     assert proc.stop() == 0
     assert not any(key in line for line in proc.lines for key in (API_KEY, NEW_GROQ_KEY))
+    assert any(line.get("request_id") == "[redacted]" for line in proc.json_lines())
 
 
 def test_quota_counts_follow_the_name_across_a_reload(fake: FakeGroq, start_process: Any, tmp_path: Path) -> None:
@@ -220,3 +235,27 @@ def test_what_a_reload_cannot_change_is_refused(fake: FakeGroq, start_process: A
     with httpx.Client(base_url=proc.url, timeout=30) as client:
         assert statuses(client, ALPHA, 3) == {200}  # no quota came into force
     assert proc.stop() == 0
+
+
+KEY = ServiceKey("alpha", bytes(32))
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "quota_on", "refusal"),
+    [
+        (Settings(service_api_keys=(ALPHA,)), Settings(service_api_keys=(BETA,)), False, None),
+        (Settings(), Settings(service_api_keys=(BETA,)), False, "service tokens cannot be turned on or off"),
+        (Settings(service_keys=(KEY,)), Settings(), False, "service tokens cannot be turned on or off"),
+        (Settings(), Settings(quota_requests_per_minute=5), False, "quotas were off at start"),
+        (Settings(redis_url="redis://a:1/0"), Settings(redis_url="redis://b:1/0"), False, None),  # Redis unused
+        (Settings(redis_url="redis://a:1/0"), Settings(redis_url="redis://b:1/0"), True, "REDIS_URL_FILE changed"),
+    ],
+)
+def test_what_a_running_process_cannot_change(
+    old: Settings, new: Settings, quota_on: bool, refusal: str | None
+) -> None:
+    if refusal is None:
+        check_applicable(old, new, quota_on=quota_on)
+    else:
+        with pytest.raises(SettingsError, match=refusal):
+            check_applicable(old, new, quota_on=quota_on)
