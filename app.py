@@ -137,7 +137,7 @@ class Service:
             yield {"client_timeout": self.settings.client_timeout, "metrics": self.metrics}  # framing.py reads both
         finally:
             if reloader is not None:
-                reloader.uninstall()
+                await reloader.aclose()
             if self.upstream is not None:
                 await self.upstream.aclose()
             if self.quota is not None:

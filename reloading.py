@@ -33,9 +33,10 @@ class Reloader:
     def install(self) -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
 
-    def uninstall(self) -> None:
+    async def aclose(self) -> None:
         asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # shutting down: a reload would have nothing to apply to
+        await asyncio.gather(*self._retiring)  # each closes the idle pools of an old Upstream: no long wait
 
     def reload(self) -> None:
         service = self._service
