@@ -204,6 +204,20 @@ def test_the_groq_key_rotated_through_its_file(
     assert any(line.get("request_id") == "[redacted]" for line in proc.json_lines())
 
 
+def test_tokens_rotated_through_service_api_keys_file(fake: FakeGroq, start_process: Any, tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{ALPHA},{BETA}\n")
+    proc = start_process(groq_env(fake, SERVICE_API_KEYS_FILE=str(tokens)))
+    tokens.write_text(f"{BETA},{GAMMA}\n")  # add the new token, drop the old one, in one reload
+    [line] = hup_and_wait(proc, 1)
+    assert line["clients"] == [digest(BETA)[:8], digest(GAMMA)[:8]]  # the key_ids the access lines show
+    with httpx.Client(base_url=proc.url, timeout=30) as client:
+        assert statuses(client, ALPHA, 1) == {401}
+        assert statuses(client, BETA, 1) == {200} and statuses(client, GAMMA, 1) == {200}
+    assert proc.stop() == 0
+    assert not any(token in line for line in proc.lines for token in (ALPHA, BETA, GAMMA))
+
+
 def test_quota_counts_follow_the_name_across_a_reload(fake: FakeGroq, start_process: Any, tmp_path: Path) -> None:
     keys = tmp_path / "keys.toml"
     write_keys(keys, {"alpha": ALPHA}, alpha="requests_per_minute = 2\n")
