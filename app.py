@@ -109,7 +109,7 @@ class Service:
 
     def __init__(self, settings: Settings, *, reload_on_hup: bool = False) -> None:
         self.settings = settings  # replaced, with keyring and upstream, by a reload (reloading.py)
-        self.keyring = middleware.Keyring(settings.service_api_keys, settings.service_keys)
+        self.keyring = middleware.Keyring(settings)
         self.reload_on_hup = reload_on_hup
         self.upstream: Upstream | None = None
         self.in_flight = 0

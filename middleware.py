@@ -23,7 +23,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import logging_config
-from config import ServiceKey
+from config import ServiceKey, Settings
 from errors import InvalidRequest, MethodNotAllowed, NotFound, ServiceError, Unauthorized
 
 logger = logging.getLogger("service")
@@ -103,16 +103,16 @@ class RequestLog:
 class Keyring:
     """The clients Authorize knows, by their token's SHA-256; a reload replaces them for the requests after it."""
 
-    def __init__(self, keys: tuple[str, ...], clients: tuple[ServiceKey, ...] = ()) -> None:
-        self.replace(keys, clients)
+    def __init__(self, settings: Settings) -> None:
+        self.replace(settings)
 
-    def replace(self, keys: tuple[str, ...], clients: tuple[ServiceKey, ...]) -> None:
-        digests = [hashlib.sha256(k.encode()) for k in keys]
+    def replace(self, settings: Settings) -> None:
+        digests = [hashlib.sha256(k.encode()) for k in settings.service_api_keys]
         # Tokens from SERVICE_API_KEYS are known by an 8-hex key_id, entries of SERVICE_KEYS_FILE by their name.
-        self.clients = {c.sha256: c for c in clients} or {
+        self.clients = {c.sha256: c for c in settings.service_keys} or {
             d.digest(): ServiceKey(d.hexdigest()[:8], d.digest()) for d in digests
         }
-        self.log_as = "key" if clients else "key_id"
+        self.log_as = "key" if settings.service_keys else "key_id"
 
 
 class Authorize:

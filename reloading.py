@@ -50,7 +50,7 @@ class Reloader:
         if old is not None and settings.groq_api_key != service.settings.groq_api_key:
             new = Upstream(settings)  # made before anything changes
         logging_config.mask(settings.secrets())  # before anything could log them
-        service.keyring.replace(settings.service_api_keys, settings.service_keys)
+        service.keyring.replace(settings)
         if old is not None and new is not None:
             service.upstream = new
             task = asyncio.get_running_loop().create_task(old.retire())
