@@ -32,6 +32,8 @@ def load(path: str) -> tuple[ServiceKey, ...]:
         raise SettingsError(f"SERVICE_KEYS_FILE cannot be read ({exc.strerror or exc.__class__.__name__})") from None
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"SERVICE_KEYS_FILE is not valid TOML ({exc})") from None
+    except UnicodeDecodeError as exc:  # tomllib decodes the whole file before parsing it
+        raise SettingsError(f"SERVICE_KEYS_FILE is not UTF-8 text (byte {exc.start})") from None
     entries = data.get("keys")
     if set(data) != {"keys"} or not isinstance(entries, list) or not entries:
         raise SettingsError("SERVICE_KEYS_FILE must hold one or more [[keys]] tables and nothing else")

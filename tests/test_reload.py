@@ -139,6 +139,7 @@ BROKEN = [
     ),
     ("keys", f'[[keys]]\nname = "a b"\nsha256 = "{digest(ALPHA)}"\n', "SERVICE_KEYS_FILE keys[0].name must be"),
     ("keys", None, "SERVICE_KEYS_FILE cannot be read (No such file or directory)"),
+    ("keys", b'[[keys]]\nname = "\xff"\n', "SERVICE_KEYS_FILE is not UTF-8 text (byte 17)"),
     ("groq", "", "GROQ_API_KEY_FILE: {groq} is empty"),
     ("groq", "gsk with a space", "GROQ_API_KEY_FILE ({groq}) must be printable ASCII"),
     ("groq", None, "GROQ_API_KEY_FILE: {groq} cannot be read (No such file or directory)"),
@@ -161,7 +162,7 @@ def test_a_broken_file_on_reload_changes_nothing(
             if text is None:
                 files[which].unlink()
             else:
-                files[which].write_text(text)
+                files[which].write_bytes(text if isinstance(text, bytes) else text.encode())
             errors = hup_and_wait(proc, workers, "ERROR")
             expected = "reload failed, the configuration in use stays: " + message.format(groq=files["groq"])
             assert all(line["msg"].startswith(expected) for line in errors), (expected, errors)
