@@ -219,23 +219,29 @@ def test_tokens_rotated_through_service_api_keys_file(fake: FakeGroq, start_proc
     assert not any(token in line for line in proc.lines for token in (ALPHA, BETA, GAMMA))
 
 
-def test_quota_counts_follow_the_name_across_a_reload(fake: FakeGroq, start_process: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_quota_counts_follow_the_name_across_a_reload(
+    fake: FakeGroq, start_process: Any, tmp_path: Path, request: pytest.FixtureRequest, workers: int
+) -> None:
     keys = tmp_path / "keys.toml"
     write_keys(keys, {"alpha": ALPHA}, alpha="requests_per_minute = 2\n")
-    proc = start_process(groq_env(fake, SERVICE_KEYS_FILE=str(keys)))
+    env = groq_env(fake, SERVICE_KEYS_FILE=str(keys), WORKERS=str(workers))
+    if workers > 1:  # the workers share their counts through Redis
+        env["REDIS_URL"] = request.getfixturevalue("redis_server").url
+    proc = started(start_process(env), workers)
     with httpx.Client(base_url=proc.url, timeout=30) as client:
         assert [client.post("/chat", json={"prompt": "hi"}, headers=auth(ALPHA)).status_code for _ in range(2)] == [
             200,
             200,
         ]
         write_keys(keys, {"alpha": BETA}, alpha="requests_per_minute = 2\n")  # a new token, the same name
-        hup_and_wait(proc, 1)
+        hup_and_wait(proc, workers)
         assert client.post("/chat", json={"prompt": "hi"}, headers=auth(BETA)).status_code == 429
         write_keys(keys, {"renamed": BETA}, renamed="requests_per_minute = 2\n")  # a new name: its own counts
-        hup_and_wait(proc, 1)
+        hup_and_wait(proc, workers)
         assert client.post("/chat", json={"prompt": "hi"}, headers=auth(BETA)).status_code == 200
         write_keys(keys, {"renamed": BETA}, renamed="requests_per_minute = 50\n")  # a raised limit applies at once
-        hup_and_wait(proc, 1)
+        hup_and_wait(proc, workers)
         assert statuses(client, BETA, 3) == {200}
     assert proc.stop() == 0
 
