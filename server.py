@@ -116,6 +116,7 @@ def configure_from_environment() -> tuple[Settings, dict[str, Any]]:
 
 
 def main() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the reload takes it (reloading.py; workers.py in the parent)
     settings, log_config = configure_from_environment()
     if settings.workers > 1:  # each worker builds its own app from "app:app"
         from workers import Workers  # imported only when used: uvicorn's supervisor costs ~2 MB
@@ -133,5 +134,4 @@ def main() -> None:
         config = uvicorn_config(settings, app, log_config)
         service = app.state.service
         on_exit = functools.partial(setattr, service, "draining", True)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the app's lifespan installs the reload (reloading.py)
         _Server(config, on_exit, requests=service.requests, deadline=settings.shutdown_timeout).run()

@@ -219,6 +219,24 @@ def test_tokens_rotated_through_service_api_keys_file(fake: FakeGroq, start_proc
     assert not any(token in line for line in proc.lines for token in (ALPHA, BETA, GAMMA))
 
 
+def test_a_reload_while_the_workers_start_waits_for_them(fake: FakeGroq, start_process: Any, tmp_path: Path) -> None:
+    keys = tmp_path / "keys.toml"
+    write_keys(keys, {"alpha": ALPHA})
+    proc = start_process(groq_env(fake, SERVICE_KEYS_FILE=str(keys), WORKERS="2"), wait=False)
+    deadline = time.monotonic() + 30
+    while not any("Started parent process" in line for line in proc.lines):  # its SIGHUP handler is in place
+        assert time.monotonic() < deadline, "\n".join(proc.lines)
+        time.sleep(0.01)
+    write_keys(keys, {"beta": BETA})
+    lines = hup_and_wait(proc, 2)  # sent while the workers are still starting: the parent waits for them
+    assert [line["clients"] for line in lines] == [["beta"], ["beta"]]
+    proc.wait_ready()
+    with httpx.Client(base_url=proc.url, timeout=30) as client:
+        assert statuses(client, BETA) == {200} and statuses(client, ALPHA) == {401}
+    assert proc.stop() == 0
+    assert not [line for line in proc.json_lines() if line["level"] in ("WARNING", "ERROR")]
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_quota_counts_follow_the_name_across_a_reload(
     fake: FakeGroq, start_process: Any, tmp_path: Path, request: pytest.FixtureRequest, workers: int
