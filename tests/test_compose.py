@@ -39,8 +39,8 @@ class Stack:
         self.ports = {name: free_port() for name in (*REPLICAS, "redis", "nginx")}
         self.url = f"http://127.0.0.1:{self.ports['nginx']}"
         self.down: set[str] = set()
-        secrets = f"GROQ_API_KEY={API_KEY}\nSERVICE_API_KEYS={CLIENT_TOKEN}\n"
-        (self.folder / "groq-proxy.env").write_text(secrets)
+        self.secrets = _write_secrets(self.folder, tokens=CLIENT_TOKEN)  # Docker secrets, as README's recipe has them
+        (self.folder / "groq-proxy.env").write_text("")  # no other setting
         self.write_nginx_conf()
         services = {name: self._replica(image, fake, name, env) for name in REPLICAS}
         redis_command = ["redis-server", "--port", str(self.ports["redis"]), "--bind", "127.0.0.1"]
@@ -126,6 +126,15 @@ class Stack:
         self.set_down(name, False)
 
 
+def _write_secrets(folder: Path, *, tokens: str) -> Path:
+    """deploy/secrets/, as README's recipe writes it: the Groq key and the client tokens, one file each."""
+    secrets = folder / "secrets"
+    secrets.mkdir(exist_ok=True)
+    (secrets / "groq_api_key").write_text(API_KEY + "\n")
+    (secrets / "service_api_keys").write_text(tokens + "\n")
+    return secrets
+
+
 def _status(url: str) -> int:
     try:
         return httpx.get(url, timeout=1).status_code
@@ -165,8 +174,8 @@ def stack(docker: Docker, extras_image: str, fake: FakeGroq, tmp_path: Path) -> 
         one.remove()
 
 
-def _chat(url: str) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {CLIENT_TOKEN}"}
+def _chat(url: str, token: str = CLIENT_TOKEN) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"}
     return httpx.post(url + "/chat", json={"prompt": "Say hello"}, headers=headers, timeout=30)
 
 
@@ -209,10 +218,29 @@ def test_the_readme_rolling_restart_under_load_loses_no_request(stack: Any, fake
         assert any('"path": "/chat"' in line for line in logs[restarted:]), name
 
 
+def test_a_secret_rewritten_in_place_is_reloaded_by_compose_kill_hup(stack: Any, fake: FakeGroq) -> None:
+    """README's recipe: the client tokens are a Docker secret; rewritten in place, `kill -s HUP` reloads them."""
+    deployment = stack()
+    assert _chat(deployment.url).status_code == 200
+    new_token = "svc_compose_rotated_token_0123456789"
+    (deployment.secrets / "service_api_keys").write_text(new_token + "\n")  # in place: the same file, mounted
+    deployment.compose("kill", "-s", "HUP", *REPLICAS)
+
+    def reloaded(name: str) -> bool:
+        return any('"msg": "reloaded: 1 client(s)' in line for line in deployment.logs(name))
+
+    wait_until(lambda: all(reloaded(name) for name in REPLICAS), 20, "both replicas' reload lines")
+    for _ in range(4):  # nginx spreads them over both replicas
+        assert _chat(deployment.url, new_token).status_code == 200
+        assert _chat(deployment.url).status_code == 401
+    assert all(_status(f"http://127.0.0.1:{deployment.ports[name]}/readyz") == 200 for name in REPLICAS)
+
+
 def test_compose_builds_the_image_once_and_both_replicas_run_it(docker: Docker, tmp_path: Path) -> None:
     """`up --build` on the project's file: replica-a builds the tag (offline, as README's air-gapped build),
     replica-b runs that tag, built nowhere else. Created, not started, with no network (nothing to talk to)."""
-    (tmp_path / "groq-proxy.env").write_text(f"GROQ_API_KEY={API_KEY}\n")
+    (tmp_path / "groq-proxy.env").write_text("")
+    _write_secrets(tmp_path, tokens=CLIENT_TOKEN)
     offline = {"PYTHON_IMAGE": docker.images["PYTHON_IMAGE"], "OFFLINE": "true"}
     build = {"context": str(ROOT), "network": "none", "args": offline}
     tag = docker.tag("compose")
