@@ -42,7 +42,6 @@ _JSON = "application/json"
 
 
 def create_app(settings: Settings, *, reload_on_hup: bool = False) -> Starlette:
-    """reload_on_hup: SIGHUP reloads the keys file and the secrets' files (reloading.py); main thread only."""
     service = Service(settings, reload_on_hup=reload_on_hup)
     routes = [
         Route("/", service.status),
@@ -110,7 +109,7 @@ class Service:
     def __init__(self, settings: Settings, *, reload_on_hup: bool = False) -> None:
         self.settings = settings  # replaced, with keyring and upstream, by a reload (reloading.py)
         self.keyring = middleware.Keyring(settings)
-        self.reload_on_hup = reload_on_hup
+        self.reload_on_hup = reload_on_hup  # SIGHUP reloads the files (reloading.py): a main thread's loop only
         self.upstream: Upstream | None = None
         self.in_flight = 0
         self.draining = False
@@ -130,14 +129,12 @@ class Service:
             logger.warning("SERVICE_API_KEYS is not set: /chat answers loopback clients only")
         if self.settings.redis_url and self.quota is None:
             logger.warning("REDIS_URL is set but no quota is; Redis is not used")
-        reloader = reloading.Reloader(self) if self.reload_on_hup else None
-        if reloader is not None:
-            reloader.install()
+        reloader = reloading.Reloader(self)
+        reloader.install()
         try:
             yield {"client_timeout": self.settings.client_timeout, "metrics": self.metrics}  # framing.py reads both
         finally:
-            if reloader is not None:
-                await reloader.aclose()
+            await reloader.aclose()
             if self.upstream is not None:
                 await self.upstream.aclose()
             if self.quota is not None:
@@ -199,7 +196,8 @@ class Service:
         if completion.stream:
             fields["stream"] = True
             body, strip_usage = self.quota.ask_for_usage(body) if self.quota else (body, False)
-            events, encode = self._upstream().stream_events(body, chain, limits), streaming.relay_encoder(fields, strip_usage)
+            events = self._upstream().stream_events(body, chain, limits)
+            encode = streaming.relay_encoder(fields, strip_usage)
             return await streaming.start(
                 events, encode, streaming.openai_error_event, fields, self._release, request.receive, limits
             )

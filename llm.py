@@ -61,24 +61,10 @@ class Upstream:
         self._clients: list[groq.AsyncGroq | None] = [None] * settings.max_concurrency  # each made when first needed
         self._busy = [0] * settings.max_concurrency
         self._free = list(reversed(range(settings.max_concurrency)))  # pools with no call, the next one last
-        self._retired = False
 
     async def aclose(self) -> None:
         for client in self._clients:
             if client is not None:
-                await client.close()
-
-    async def retire(self) -> None:
-        """A reload made a new Upstream for the calls after it: close each pool here once its calls have ended."""
-        self._retired = True
-        for shard, busy in enumerate(self._busy):
-            if not busy:
-                await self._close_idle(shard)
-
-    async def _close_idle(self, shard: int) -> None:
-        client, self._clients[shard] = self._clients[shard], None
-        if client is not None:
-            with anyio.CancelScope(shield=True):
                 await client.close()
 
     @contextlib.asynccontextmanager
@@ -104,8 +90,6 @@ class Upstream:
             self._busy[shard] -= 1
             if not self._busy[shard]:
                 self._free.append(shard)
-                if self._retired:
-                    await self._close_idle(shard)
 
     def _new_client(self, shard: int) -> groq.AsyncGroq:
         limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)

@@ -3,7 +3,8 @@
 The environment and `.env` are not read again: the reload parses the variables as they were at start, so every
 value from a file passes the same checks as at start. A reload that fails changes nothing and logs one ERROR;
 one that succeeds logs one line naming the clients. Requests in flight keep the client entry and the Groq
-connection they were admitted with; the Groq clients made with an old key close once their calls end.
+connection they were admitted with; the Groq clients made with an old key close once the requests in flight at
+the reload have ended.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import logging_config
 from config import Settings, SettingsError, load_settings
@@ -28,15 +29,19 @@ class Reloader:
 
     def __init__(self, service: Service) -> None:
         self._service = service
-        self._retiring: set[asyncio.Task[None]] = set()  # old Groq clients waiting for their calls to end
+        self._retiring: set[asyncio.Task[None]] = set()  # old Groq clients waiting for their requests to end
 
     def install(self) -> None:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
+        if self._service.reload_on_hup:  # the main thread's loop only: not under a test's thread or TestClient
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
 
     async def aclose(self) -> None:
-        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # shutting down: a reload would have nothing to apply to
-        await asyncio.gather(*self._retiring)  # each closes the idle pools of an old Upstream: no long wait
+        if self._service.reload_on_hup:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # shutting down: a reload would have nothing to apply to
+        for task in self._retiring:  # the requests they wait for have ended, or been ended, by now
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
 
     def reload(self) -> None:
         service = self._service
@@ -53,7 +58,7 @@ class Reloader:
         service.keyring.replace(settings)
         if old is not None and new is not None:
             service.upstream = new
-            task = asyncio.get_running_loop().create_task(old.retire())
+            task = asyncio.get_running_loop().create_task(_retire(old, set(service.requests.tasks)))
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
         service.settings = settings
@@ -64,6 +69,16 @@ class Reloader:
             ", ".join(names) or "none (loopback only)",
             extra={"fields": {"clients": names}},
         )
+
+
+async def _retire(old: Upstream, requests: set[asyncio.Task[Any]]) -> None:
+    """Close the old Groq clients once every request in flight at the reload has ended: a call already under way
+    finishes on its connection, while the calls that start after the reload take the new Upstream."""
+    try:
+        if requests:
+            await asyncio.wait(requests)
+    finally:
+        await old.aclose()
 
 
 def check_applicable(old: Settings, new: Settings, *, quota_on: bool) -> None:

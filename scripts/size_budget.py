@@ -58,8 +58,8 @@ FEATURE_MODULES = {  # what each optional feature adds, imported only when it is
 # nothing above them.
 # Issue 26's review: +50 in the total for fallback.py keeping the SDK's retries of what does not fall back (408, 504).
 # Issue 25: +165 in the default deployment, +195 in all: SIGHUP reloads the keys and secrets' files in place
-# (reloading.py, the Keyring Authorize reads, Groq clients retired once idle, new secrets masked in logs), every
-# secret may come from a <NAME>_FILE (env_values.py), and workers.py sends SIGHUP on to each worker.
+# (reloading.py, the Keyring Authorize reads, old Groq clients closed after their requests, new secrets masked
+# in logs), every secret may come from a <NAME>_FILE (env_values.py), and workers.py sends SIGHUP on to workers.
 # Raise them again only with the change that needs it.
 DEFAULT_BUDGET = 3365
 TOTAL_BUDGET = 4620
