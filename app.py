@@ -129,8 +129,7 @@ class Service:
             logger.warning("SERVICE_API_KEYS is not set: /chat answers loopback clients only")
         if self.settings.redis_url and self.quota is None:
             logger.warning("REDIS_URL is set but no quota is; Redis is not used")
-        reloader = reloading.Reloader(self)
-        reloader.install()
+        reloader = reloading.Reloader(self).install()
         try:
             yield {"client_timeout": self.settings.client_timeout, "metrics": self.metrics}  # framing.py reads both
         finally:

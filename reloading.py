@@ -31,9 +31,10 @@ class Reloader:
         self._service = service
         self._retiring: set[asyncio.Task[None]] = set()  # old Groq clients waiting for their requests to end
 
-    def install(self) -> None:
+    def install(self) -> Reloader:
         if self._service.reload_on_hup:  # the main thread's loop only: not under a test's thread or TestClient
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
+        return self
 
     async def aclose(self) -> None:
         if self._service.reload_on_hup:
