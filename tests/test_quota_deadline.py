@@ -4,6 +4,7 @@ redis-py hook these tests keep honest, and a busy loop's time is not counted aga
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -54,3 +55,37 @@ def test_the_pool_outside_a_quota_call_needs_no_deadline(redis_server: RedisServ
             await pool.aclose()
 
     assert asyncio.run(ping()) is True  # no LookupError
+
+
+def test_the_wait_for_a_connection_is_not_counted_in_the_deadline(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One connection, 30 admissions at once, a loop busy 10 ms at a time, REDIS_TIMEOUT=0.05: each admission
+    waits its turn for the connection far past 0.05 s. Counted, or past the pool's own wait (1 s) `overloaded`,
+    never `quota_unavailable` nor an outage (with the deadline started before the wait: 3 counted, 27 failed)."""
+    caplog.set_level(logging.WARNING, logger="service")
+    env = {"REDIS_URL": redis_server.url, "QUOTA_REQUESTS_PER_MINUTE": "1", "REDIS_TIMEOUT": "0.05"}
+    settings = load_settings({**env, "MAX_CONCURRENCY": "1"})
+
+    async def scenario() -> list[str]:
+        store = quota_redis.Shared(settings)
+        running = True
+
+        async def hog() -> None:
+            while running:
+                time.sleep(0.01)  # the loop runs nothing else meanwhile, as while parsing a large body
+                await asyncio.sleep(0)
+
+        busy = asyncio.create_task(hog())
+        try:
+            calls = [store.admit("local", LIMITS, 1, True) for _ in range(30)]
+            answers = await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            running = False
+            await busy
+            await store.aclose()
+        return [a.type if isinstance(a, errors.ServiceError) else type(a).__name__ for a in answers]
+
+    outcomes = asyncio.run(scenario())
+    assert set(outcomes) <= {"Raw", "overloaded"} and "Raw" in outcomes, outcomes
+    assert not [r.getMessage() for r in caplog.records if r.getMessage().startswith("Redis is")]
