@@ -16,18 +16,21 @@ from typing import Any, cast
 
 import redis.asyncio
 
+_STEPS = 20  # a busy loop runs one step per turn: a new connection with AUTH, SELECT and a NOSCRIPT takes 8
+
 
 class Deadline:
-    """REDIS_TIMEOUT for one call once the pool hands it a connection (`Pool`), in ten steps, each armed when the
-    last ran, so time the loop ran late (busy with other requests: 40 parsing large bodies can keep it busy past
-    the whole deadline) is not counted; then it fires two passes of the ready queue later, once the loop has polled
-    its sockets (asyncio polls before timers, uvloop after), so a reply that arrived meanwhile is read first."""
+    """REDIS_TIMEOUT for one call once the pool hands it a connection (`Pool`), in `_STEPS` steps, each armed when
+    the last ran, so time the loop ran late (busy with other requests: 40 parsing large bodies can keep it busy
+    past the whole deadline) is not counted: a call is cut after REDIS_TIMEOUT and at least `_STEPS` loop turns;
+    then it fires two passes of the ready queue later, once the loop has polled its sockets (asyncio polls before
+    timers, uvloop after), so a reply that arrived meanwhile is read first."""
 
     __slots__ = ("_step", "_steps", "_task", "_timer", "expired", "started")
 
     def __init__(self, seconds: float, backstop: float) -> None:
         """`backstop`: when to start anyway, should the pool's hook not run (past the pool's own wait for one)."""
-        self._step, self._steps = seconds / 10, 11
+        self._step, self._steps = seconds / _STEPS, _STEPS + 1
         self._task = cast("asyncio.Task[Any]", asyncio.current_task())  # Redis is only called from tasks
         self._timer: asyncio.Handle = asyncio.get_running_loop().call_later(backstop, self.start)
         self.started = self.expired = False

@@ -89,3 +89,44 @@ def test_the_wait_for_a_connection_is_not_counted_in_the_deadline(
     outcomes = asyncio.run(scenario())
     assert set(outcomes) <= {"Raw", "overloaded"} and "Raw" in outcomes, outcomes
     assert not [r.getMessage() for r in caplog.records if r.getMessage().startswith("Redis is")]
+
+
+def test_a_hung_redis_on_a_busy_loop_is_given_twenty_steps_of_it(redis_server: RedisServer) -> None:
+    """A loop busy 10 ms at a time (past each 5 ms step) runs at most one step of the deadline per turn, mostly
+    one every other turn (a step armed after the busy task ran is not due at the next): a hung Redis is given up on
+    after 20 steps, about 40 turns (ten steps: about 23), so a call that needs a dozen turns (a new connection
+    with a password and a database: AUTH, SELECT, NOSCRIPT, the script loaded) stays far from a false timeout."""
+    password = RedisServer(password="quota-pw").start()
+    url = password.url.removesuffix("/0") + "/1"
+    settings = load_settings({"REDIS_URL": url, "QUOTA_REQUESTS_PER_MINUTE": "1", "REDIS_TIMEOUT": "0.1"})
+
+    async def scenario() -> tuple[str, int]:
+        store = quota_redis.Shared(settings)
+        running, turns = True, 0
+
+        async def hog() -> None:
+            nonlocal turns
+            while running:
+                time.sleep(0.01)
+                turns += 1
+                await asyncio.sleep(0)
+
+        busy = asyncio.create_task(hog())
+        try:
+            first = await store.admit("local", LIMITS, 10, True)
+            password.pause()
+            before = turns
+            with pytest.raises(errors.QuotaUnavailable):
+                await store.admit("local", LIMITS, 10, True)
+            return type(first).__name__, turns - before
+        finally:
+            running = False
+            password.resume()
+            await busy
+            await store.aclose()
+
+    try:
+        first, turns = asyncio.run(scenario())
+    finally:
+        password.stop()
+    assert first == "Raw" and turns >= 30, (first, turns)
