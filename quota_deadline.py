@@ -22,15 +22,14 @@ _STEPS = 20  # a busy loop runs one step per turn: a new connection with AUTH, S
 class Deadline:
     """REDIS_TIMEOUT for one call once the pool hands it a connection (`Pool`), in `_STEPS` steps, each armed when
     the last ran, so time the loop ran late (busy with other requests: 40 parsing large bodies can keep it busy
-    past the whole deadline) is not counted: a call is cut after REDIS_TIMEOUT and at least `_STEPS` loop turns;
-    then it fires two passes of the ready queue later, once the loop has polled its sockets (asyncio polls before
-    timers, uvloop after), so a reply that arrived meanwhile is read first."""
+    past the whole deadline) is not counted: a call is cut after REDIS_TIMEOUT and at least `_STEPS` loop turns.
+    A reply that arrived in the last step, not yet read when it runs out, took that long by this count: late."""
 
     __slots__ = ("_step", "_steps", "_task", "_timer", "expired", "started")
 
     def __init__(self, seconds: float, backstop: float) -> None:
         """`backstop`: when to start anyway, should the pool's hook not run (past the pool's own wait for one)."""
-        self._step, self._steps = seconds / _STEPS, _STEPS + 1
+        self._step, self._steps = seconds / _STEPS, _STEPS
         self._task = cast("asyncio.Task[Any]", asyncio.current_task())  # Redis is only called from tasks
         self._timer: asyncio.Handle = asyncio.get_running_loop().call_later(backstop, self.start)
         self.started = self.expired = False
@@ -42,11 +41,9 @@ class Deadline:
             self._next(asyncio.get_running_loop())
 
     def _next(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._steps -= 1
-        if self._steps > 0:
+        if self._steps:
+            self._steps -= 1
             self._timer = loop.call_later(self._step, self._next, loop)
-        elif self._steps > -2:  # two passes of the ready queue, the loop polling its sockets in between
-            self._timer = loop.call_soon(self._next, loop)
         else:
             self.expired = True
             self._task.cancel()
