@@ -158,6 +158,7 @@ CHARGES = {  # README's charging table, the rows decided by how the call to Groq
     "not sent: Groq not reachable": ("unreachable", 502, "upstream_unreachable", "zero"),
     "sent, then the connection dropped": ("dropped", 502, "upstream_error", "reservation"),
     "a Groq 5xx": ("fail/500", 502, "upstream_error", "reservation"),
+    **{f"a Groq {code}": (f"fail/{code}", code, "upstream_rejected", "reservation") for code in (400, 404, 413, 422)},
     "Groq's deadline": ("slow", 504, "upstream_timeout", "reservation"),
 }
 
@@ -166,7 +167,8 @@ CHARGES = {  # README's charging table, the rows decided by how the call to Groq
 def test_what_a_failed_call_to_groq_is_charged(fake: FakeGroq, start_service: Any, row: str) -> None:
     model, status, error, charged = CHARGES[row]
     fake.behaviours["dropped"] = Behaviour(hang_up=True)
-    fake.behaviours["fail/500"] = Behaviour(status=500)
+    for code in (400, 404, 413, 422, 500):
+        fake.behaviours[f"fail/{code}"] = Behaviour(status=code)
     fake.behaviours["slow"] = Behaviour(delay=5)
     base_url = f"http://127.0.0.1:{free_port()}" if model == "unreachable" else fake.url
     env = groq_env(fake, GROQ_BASE_URL=base_url, GROQ_TIMEOUT="0.5", QUOTA_TOKENS_PER_MINUTE="10000")
