@@ -28,7 +28,7 @@ GROQ_ROUTES = frozenset(
 )
 MODEL_ROUTES = ("/openai/v1/models/", "/v1/models/")  # and a model's id
 _NAMES = ("", "requests_per_minute", "tokens_per_minute", "tokens_per_day")
-_NOT_SENT = frozenset(e.type for e in (errors.Overloaded, errors.NotConfigured))  # the service refused: refund all
+_NOT_SENT = frozenset({errors.NotConfigured.type})  # admitted, then the service refused: refund all
 # Refused by Groq before generating (its 401/403, 429, 498) or never sent (no connection): charged 0. Any other
 # error keeps the reservation (a 400 such as json_validate_failed comes after generating; so may a dropped call).
 _NOT_GENERATED = frozenset(

@@ -3,7 +3,7 @@
 One Lua script per admission and one per settlement, each atomic, through redis-py's documented asyncio client:
 a `BlockingConnectionPool` (at most min(MAX_CONCURRENCY, 64) connections) and `register_script` (which reloads
 a script Redis lost). A client's keys share one hash tag (one Redis Cluster slot); the time is Redis's `TIME`.
-REDIS_TIMEOUT bounds what Redis takes, not this process: see `_Deadline`. A call past it gets QUOTA_FAIL_MODE's
+REDIS_TIMEOUT bounds what Redis takes, not this process: see `quota_deadline`. A call past it gets QUOTA_FAIL_MODE's
 answer; an outage (one warning line; with `closed`, `/readyz` 503) is declared on a connection error, an answer
 that cannot be used, or `_LATE_IN_A_ROW` calls in a row past the deadline, and ends with the next reply.
 """
@@ -11,10 +11,9 @@ that cannot be used, or `_LATE_IN_A_ROW` calls in a row past the deadline, and e
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any
 
 import redis.asyncio
 from redis.asyncio.retry import Retry
@@ -23,10 +22,12 @@ from redis.exceptions import ResponseError
 
 import errors
 from config import Settings
+from quota_deadline import DEADLINE, Deadline, Pool
 from quota_types import Limits, Raw, Ticket
 
 logger = logging.getLogger("service")
 _LATE_IN_A_ROW = 3  # calls in a row past REDIS_TIMEOUT that declare an outage: one slow reply does not
+_BUSY, _FAILED = object(), object()
 
 _ADMIT = """
 local t = redis.call('TIME')
@@ -123,15 +124,15 @@ return 1
 
 
 class Shared:
-    """The two scripts over redis-py's pool; every call under its own REDIS_TIMEOUT deadline (`_Deadline`)."""
+    """The two scripts over redis-py's pool; every call under its own REDIS_TIMEOUT deadline (`Deadline`)."""
 
     def __init__(self, settings: Settings) -> None:
         assert settings.redis_url is not None
         self._timeout = settings.redis_timeout
         self._wait = max(1.0, 4 * self._timeout)  # for a free connection: past it, 503 overloaded
-        # No redis-py retries, socket or connect timeouts (a busy loop would fire them): `_Deadline` bounds every
+        # No redis-py retries, socket or connect timeouts (a busy loop would fire them): `Deadline` bounds every
         # call, connecting included. No CLIENT SETINFO, RESP2 (no HELLO): no round trip beyond AUTH/SELECT.
-        self._pool = _Pool.from_url(
+        self._pool = Pool.from_url(
             settings.redis_url,
             max_connections=min(settings.max_concurrency, 64),
             timeout=self._wait,
@@ -202,8 +203,8 @@ class Shared:
 
     async def _call(self, call: Callable[[], Awaitable[Any]]) -> Any:
         """The call's result; _BUSY when no connection was free in time, _FAILED when Redis failed this call."""
-        deadline = _Deadline(self._timeout)
-        token = _DEADLINE.set(deadline)
+        deadline = Deadline(self._timeout, backstop=self._wait + self._timeout)  # the pool's wait is over by then
+        token = DEADLINE.set(deadline)
         try:
             result = await deadline.bounded(call)
         except Exception as exc:  # any error type (a redis-py upgrade's too) takes the fail mode: never a 500
@@ -212,7 +213,7 @@ class Shared:
             self._failed(exc)
             return _FAILED
         finally:
-            _DEADLINE.reset(token)
+            DEADLINE.reset(token)
         self._late = 0
         if self._down:
             self._down = False
@@ -220,7 +221,7 @@ class Shared:
         return result
 
     def _failed(self, exc: Exception) -> None:
-        if type(exc) is TimeoutError:  # past the deadline (`_Deadline`): an outage only when it keeps happening
+        if type(exc) is TimeoutError:  # past the deadline (`Deadline`): an outage only when it keeps happening
             self._late += 1
             if self._late < _LATE_IN_A_ROW:
                 return
@@ -228,59 +229,6 @@ class Shared:
             self._down = True
             then = "requests pass uncounted" if self._open else "Groq-calling routes answer 503 quota_unavailable"
             logger.warning("Redis is unreachable (%s): %s until it is back", type(exc).__name__, then)
-
-
-class _Deadline:
-    """REDIS_TIMEOUT for one call once the pool hands it a connection (`_Pool`), in ten steps, each armed when the
-    last ran, so time the loop ran late (busy with other requests: 40 parsing large bodies can keep it busy past
-    the whole deadline) is not counted; then it fires two passes of the ready queue later, once the loop has polled
-    its sockets (asyncio polls before timers, uvloop after), so a reply that arrived meanwhile is read first."""
-
-    __slots__ = ("_step", "_steps", "_task", "_timer", "expired", "started")
-
-    def __init__(self, seconds: float) -> None:
-        self._step, self._steps = seconds / 10, 11
-        self._task = cast("asyncio.Task[Any]", asyncio.current_task())  # Redis is only called from tasks
-        self._timer: asyncio.Handle | None = None
-        self.started = self.expired = False
-
-    def start(self) -> None:
-        if not self.started:  # once per call: after a NOSCRIPT, redis-py asks the pool again
-            self.started = True
-            self._next(asyncio.get_running_loop())
-
-    def _next(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._steps -= 1
-        if self._steps > 0:
-            self._timer = loop.call_later(self._step, self._next, loop)
-        elif self._steps > -2:  # two passes of the ready queue, the loop polling its sockets in between
-            self._timer = loop.call_soon(self._next, loop)
-        else:
-            self.expired = True
-            self._task.cancel()
-
-    async def bounded(self, call: Callable[[], Awaitable[Any]]) -> Any:
-        try:
-            return await call()
-        except asyncio.CancelledError:
-            if self.expired and not self._task.uncancel():
-                raise TimeoutError("Redis did not answer within REDIS_TIMEOUT") from None
-            raise
-        finally:
-            if self._timer is not None:
-                self._timer.cancel()
-
-
-_DEADLINE: contextvars.ContextVar[_Deadline] = contextvars.ContextVar("quota_redis_deadline")
-_BUSY, _FAILED = object(), object()
-
-
-class _Pool(redis.asyncio.BlockingConnectionPool):
-    """redis-py's pool; a call's deadline starts once it has a connection, before connecting (Redis's time too)."""
-
-    async def ensure_connection(self, connection: Any) -> None:
-        _DEADLINE.get().start()  # every call runs in `Shared._call`, which sets it
-        await super().ensure_connection(connection)
 
 
 def _raw(reply: object) -> Raw:

@@ -1,10 +1,13 @@
 """Clocks that tests step, never the machine's: Debian's libfaketime around the service, tests/clockshift.c around
 redis-server (Debian's redis-server is linked with jemalloc, which libfaketime cannot start: libfaketime #130).
-Each reads its time from a file the test rewrites, on every call."""
+Each reads its time from a file the test replaces whole (never rewritten in place: a read would see it empty), on
+every call."""
 
 from __future__ import annotations
 
+import atexit
 import functools
+import os
 import shutil
 import subprocess
 import tempfile
@@ -24,7 +27,7 @@ class FakeTime:
 
     def step(self, seconds: int) -> None:
         """The process's wall clock is from now `seconds` away from the real one."""
-        self.file.write_text(f"{seconds:+d}\n")
+        _replace(self.file, f"{seconds:+d}\n")
 
     def env(self) -> dict[str, str]:
         return {
@@ -43,11 +46,11 @@ class ShiftedClock:
         self.offset(0)
 
     def offset(self, seconds: float) -> None:
-        self.file.write_text(f"{'-' if seconds < 0 else '+'}{round(abs(seconds) * 1e6)}\n")
+        _replace(self.file, f"{'-' if seconds < 0 else '+'}{round(abs(seconds) * 1e6)}\n")
 
     def stand_at(self, seconds: float) -> None:
         """The wall clock stands still at `seconds` since the epoch."""
-        self.file.write_text(f"={round(seconds * 1e6)}\n")
+        _replace(self.file, f"={round(seconds * 1e6)}\n")
 
     def env(self) -> dict[str, str]:
         return {"LD_PRELOAD": str(clockshift_library()), "CLOCKSHIFT_FILE": str(self.file)}
@@ -57,6 +60,15 @@ class ShiftedClock:
 def clockshift_library() -> Path:
     compiler = shutil.which("cc")
     assert compiler, "a C compiler is missing: apt-get install -y gcc libc6-dev (scripts/test.sh does it)"
-    library = Path(tempfile.mkdtemp(prefix="clockshift-")) / "clockshift.so"
+    directory = tempfile.mkdtemp(prefix="clockshift-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)  # with this test process
+    library = Path(directory) / "clockshift.so"
     subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", str(library), str(_SHIM)], check=True)
     return library
+
+
+def _replace(file: Path, text: str) -> None:
+    """`file` holds `text` at once: written beside it, then renamed over it, so a reader sees the old or the new."""
+    new = file.with_name(file.name + ".new")
+    new.write_text(text)
+    os.replace(new, file)

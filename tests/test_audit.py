@@ -106,7 +106,16 @@ def test_a_load_phase_too_short_for_two_answers_still_gives_its_figures(fake: Fa
     assert len(fake.chat_requests()) == 1
 
 
-OPTIONAL_IMPORTS = ("keys", "quota", "quota_local", "quota_redis", "redis", "metrics", "prometheus_client")
+OPTIONAL_IMPORTS = (
+    "keys",
+    "quota",
+    "quota_local",
+    "quota_deadline",
+    "quota_redis",
+    "redis",
+    "metrics",
+    "prometheus_client",
+)
 LOADED = """
 import json, os, sys, server, app, config
 app.create_app(config.load_settings(json.loads(sys.argv[1])))
@@ -122,7 +131,7 @@ print(json.dumps(sorted(m for m in sys.modules if os.path.exists(m + ".py") or m
         ({"REDIS_URL": "redis://127.0.0.1:1/0"}, []),  # no quota: Redis is not used
         (
             {"QUOTA_REQUESTS_PER_MINUTE": "5", "REDIS_URL": "redis://127.0.0.1:1/0"},
-            ["quota", "quota_redis", "quota_types", "redis"],
+            ["quota", "quota_deadline", "quota_redis", "quota_types", "redis"],
         ),
         ({"METRICS": "true"}, ["metrics", "prometheus_client"]),
         ({"FALLBACK_MODELS": "a>b"}, ["fallback"]),

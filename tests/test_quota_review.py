@@ -27,6 +27,7 @@ from fake_groq import Behaviour, FakeGroq
 from redis_server import RedisServer
 from test_quota import PROMPT, concurrent_posts, reserved, usage_tokens, wait_for
 
+import errors
 import quota_redis
 from config import load_settings
 from quota_types import Limits
@@ -157,6 +158,7 @@ CHARGES = {  # README's charging table, the rows decided by how the call to Groq
     "not sent: Groq not reachable": ("unreachable", 502, "upstream_unreachable", "zero"),
     "sent, then the connection dropped": ("dropped", 502, "upstream_error", "reservation"),
     "a Groq 5xx": ("fail/500", 502, "upstream_error", "reservation"),
+    **{f"a Groq {code}": (f"fail/{code}", code, "upstream_rejected", "reservation") for code in (400, 404, 413, 422)},
     "Groq's deadline": ("slow", 504, "upstream_timeout", "reservation"),
 }
 
@@ -165,7 +167,8 @@ CHARGES = {  # README's charging table, the rows decided by how the call to Groq
 def test_what_a_failed_call_to_groq_is_charged(fake: FakeGroq, start_service: Any, row: str) -> None:
     model, status, error, charged = CHARGES[row]
     fake.behaviours["dropped"] = Behaviour(hang_up=True)
-    fake.behaviours["fail/500"] = Behaviour(status=500)
+    for code in (400, 404, 413, 422, 500):
+        fake.behaviours[f"fail/{code}"] = Behaviour(status=code)
     fake.behaviours["slow"] = Behaviour(delay=5)
     base_url = f"http://127.0.0.1:{free_port()}" if model == "unreachable" else fake.url
     env = groq_env(fake, GROQ_BASE_URL=base_url, GROQ_TIMEOUT="0.5", QUOTA_TOKENS_PER_MINUTE="10000")
@@ -285,18 +288,34 @@ def test_the_shutdown_deadline_lets_a_settlement_in_flight_finish(fake: FakeGroq
         redis.stop()
 
 
-def test_the_wait_for_a_free_redis_connection_is_bounded_on_its_own(
-    fake: FakeGroq, start_service: Any, redis_server: RedisServer
-) -> None:
-    """One connection (MAX_CONCURRENCY=1), a hung Redis holding it 0.3 s per call: of 8 look-ups at once (each
-    answer to an invalid body shows the counts), the last wait past max(1 s, 4 x REDIS_TIMEOUT) for it."""
-    env = groq_env(fake, REDIS_URL=redis_server.url, QUOTA_REQUESTS_PER_MINUTE="100", MAX_CONCURRENCY="1")
-    service = start_service({**env, "REDIS_TIMEOUT": "0.3"})
-    assert service.client.post("/chat", json=PROMPT).status_code == 200
-    redis_server.pause()
-    started = time.monotonic()
-    answers = concurrent_posts(service.url, "/chat", [{}] * 8)
-    assert time.monotonic() - started < 2.5  # 1.2 s of waiting and 0.3 s at Redis at most, not 8 x 0.3 s
-    redis_server.resume()
-    assert [a.status_code for a in answers] == [422] * 8  # their own answer, without the counts, never a 503
-    assert not [name for a in answers for name in a.headers if name.startswith("x-ratelimit")]
+def test_the_wait_for_a_free_redis_connection_is_bounded_on_its_own(redis_server: RedisServer) -> None:
+    """One connection (MAX_CONCURRENCY=1), a hung Redis holding it 0.3 s per call: of 20 look-ups at once, those
+    still waiting for it after max(1 s, 4 x REDIS_TIMEOUT) = 1.2 s are `overloaded` then, about 1.5 s in all.
+    Unbounded, none is `overloaded` (they wait their turns); counted in the deadline, each fails at 0.3 s."""
+    env = {"REDIS_URL": redis_server.url, "QUOTA_REQUESTS_PER_MINUTE": "100", "REDIS_TIMEOUT": "0.3"}
+    settings = load_settings({**env, "MAX_CONCURRENCY": "1", "QUOTA_FAIL_MODE": "open"})
+    limits = Limits(100, 0, 0)
+
+    async def scenario() -> list[tuple[str, float]]:
+        store = quota_redis.Shared(settings)
+        await store.admit("local", limits, 0, False)  # the one connection, in the pool
+        redis_server.pause()
+        started = time.monotonic()
+
+        async def look() -> tuple[str, float]:
+            try:
+                answer = "counts" if await store.admit("local", limits, 0, False) else "uncounted"
+            except errors.Overloaded:
+                answer = "overloaded"
+            return answer, time.monotonic() - started
+
+        try:
+            return await asyncio.gather(*[look() for _ in range(20)])
+        finally:
+            redis_server.resume()
+            await store.aclose()
+
+    answers = asyncio.run(scenario())
+    overloaded = [took for answer, took in answers if answer == "overloaded"]
+    assert overloaded and all(1.2 <= took < 3 for took in overloaded), answers  # at 1.2 s, 1.8 s to spare
+    assert max(took for _, took in answers) < 4, answers  # 1.2 s of waiting and 0.3 s at Redis at most
