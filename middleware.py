@@ -22,6 +22,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+import body
 import logging_config
 from config import ServiceKey, Settings
 from errors import InvalidRequest, MethodNotAllowed, NotFound, ServiceError, Unauthorized
@@ -98,6 +99,7 @@ class RequestLog:
                 finished()
             logger.info("request", extra={"fields": fields})
             logging_config.REQUEST_ID.reset(token)
+            body.give_back(scope)  # after the line: the handler and its objects are gone by now
 
 
 class Keyring:
