@@ -15,7 +15,6 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp  # noqa: F401 - imported at start-up rather than by the first call
 import groq
 import httpx
 

@@ -10,6 +10,8 @@ PATH=$PATH:/usr/sbin:/sbin
 # redis-server, nginx and systemd-analyze; the quota tests step clocks with Debian's libfaketime (the service)
 # and tests/clockshift.c, built with cc (redis-server); the container tests Debian's Docker (docker.io) and
 # debootstrap, which makes their base image.
+# Every optional lock is installed (the fast extra too, so the upstream tests run on both transports); tests
+# that need the default install without an extra build a venv without it (tests/test_upstream_transport.py).
 missing=""
 python3 -c 'import ensurepip' 2>/dev/null || missing="$missing python3 python3-venv"
 command -v redis-server >/dev/null || missing="$missing redis-server"
@@ -22,7 +24,7 @@ command -v debootstrap >/dev/null || missing="$missing debootstrap"
 [ -z "$missing" ] || (apt-get update -qq && apt-get install -y -qq $missing)
 # A venv without pip is one that failed half-way (python3-venv was missing): made again.
 [ -x .venv/bin/pip ] || python3 -m venv --clear .venv
-.venv/bin/pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r requirements-dev.txt -r requirements-redis.txt -r requirements-metrics.txt
+.venv/bin/pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r requirements-dev.txt -r requirements-redis.txt -r requirements-metrics.txt -r requirements-fast.txt
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
