@@ -4,7 +4,8 @@ transport, `groq.DefaultAioHttpClient`, about a third less CPU per call than htt
 Why one client is enough here, where httpx needs a stack of them (upstream_clients.py): aiohttp's connector hands
 a call an idle connection or opens one, up to MAX_CONCURRENCY connections, and the app never has more calls in
 flight (a call's slot is freed only once its upstream response is closed), so no call waits for a connection;
-one that would waits in a first-come queue, never losing its turn to a later call. A call cut short closes its
+one that would waits in aiohttp's first-come queue (and goes back to its front if a new arrival took the freed
+connection), never behind an unbounded number of later calls as in httpcore's pool. A call cut short closes its
 own connection (aiohttp never reuses one whose answer was not read to the end), so nothing is left busy and no
 client needs rebuilding; idle connections are kept for 5 s, like httpx's.
 """
