@@ -31,7 +31,7 @@ CALLED = """
 import asyncio, json, sys, config, llm
 async def main():
     upstream = llm.Upstream(config.load_settings(json.loads(sys.argv[1])))
-    result = await upstream.chat([{"role": "user", "content": "hi"}], "m", {})
+    result = await upstream.chat({"messages": [{"role": "user", "content": "hi"}], "model": "m"})
     await upstream.aclose()
     return result.content
 content = asyncio.run(main())
