@@ -11,7 +11,7 @@ ARG PYTHON_IMAGE=python:3.11.17-slim-bookworm
 # the wheel files nor pip's downloads end up in one of its layers.
 FROM ${PYTHON_IMAGE} AS dependencies
 
-# Optional extras, each its own hash-pinned file: uvloop and httptools (requirements-fast.txt), Prometheus
+# Optional extras, each its own hash-pinned file: httptools and aiohttp (requirements-fast.txt), Prometheus
 # metrics (requirements-metrics.txt) and Redis quotas (requirements-redis.txt). "true" installs one.
 ARG WITH_FAST=false
 ARG WITH_METRICS=false

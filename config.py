@@ -78,6 +78,7 @@ class Settings:
     quota_day: float = 86400.0
     allowed_hosts: tuple[str, ...] = ()
     metrics: bool = False
+    upstream_transport: str = "httpx"  # UPSTREAM_TRANSPORT with "auto" resolved: "httpx" or "aiohttp"
     # The variables as read at start (the real environment over `.env`): a reload (SIGHUP, reloading.py) reads
     # the files they name again, never the environment.
     environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -178,6 +179,7 @@ def _parse(environ: Mapping[str, str], files: Mapping[str, str], source: Mapping
         redis_timeout=env.seconds("REDIS_TIMEOUT", default.redis_timeout),
         metrics=env.choice("METRICS", "false", ("true", "false")) == "true",
         allowed_hosts=tuple(check_host_pattern("ALLOWED_HOSTS", h) for h in env.csv("ALLOWED_HOSTS")),
+        upstream_transport=_transport(env.choice("UPSTREAM_TRANSPORT", "auto", ("auto", "httpx", "aiohttp"))),
         environ=dict(source),
     )
     if settings.allowed_models and settings.groq_model not in settings.allowed_models:
@@ -198,6 +200,17 @@ def _parse(environ: Mapping[str, str], files: Mapping[str, str], source: Mapping
             "METRICS=true needs prometheus-client: pip install --require-hashes --no-deps -r requirements-metrics.txt"
         )
     return settings
+
+
+def _transport(chosen: str) -> str:
+    """The groq SDK's aiohttp transport (the fast extra) when asked for, or for "auto" when installed."""
+    installed = all(importlib.util.find_spec(name) is not None for name in ("aiohttp", "httpx_aiohttp"))  # not imported
+    if chosen == "aiohttp" and not installed:
+        raise SettingsError(
+            "UPSTREAM_TRANSPORT=aiohttp needs the fast extra: "
+            "pip install --require-hashes --no-deps -r requirements-fast.txt"
+        )
+    return "aiohttp" if chosen == "aiohttp" or (chosen == "auto" and installed) else "httpx"
 
 
 def _keys_file(path: str | None, environ: Mapping[str, str]) -> tuple[ServiceKey, ...]:

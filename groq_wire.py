@@ -44,37 +44,51 @@ class ChatResult:
 def split_events(buffer: bytes, secret: str) -> tuple[list[tuple[bytes, Any]], bytes]:
     """Complete SSE events in `buffer` as (raw event without its blank line, parsed data), and the rest.
 
-    Every event is a JSON object of the shape `_well_formed` checks, so the relay and the log can read it.
+    Every event is a JSON object of the shape `_well_formed` checks, so the relay and the log can read it. A bad
+    event (Groq's error event too) raises, but only once the events before it are returned: the rest then starts
+    with it, so the same read gives the same answer however Groq's bytes were split into reads.
     """
     if b"\r" in buffer:
         buffer = buffer.replace(b"\r\n", b"\n")
     *blocks, rest = buffer.split(b"\n\n")
     events: list[tuple[bytes, Any]] = []
-    for block in blocks:
-        if block.startswith(b"data: ") and b"\n" not in block:  # Groq's usual one-line event
-            data, error_event = block[6:], False
-        else:
-            lines = block.split(b"\n")
-            data = b"\n".join(ln[5:].lstrip(b" ") for ln in lines if ln.startswith(b"data:"))
-            error_event = any(ln.replace(b" ", b"") == b"event:error" for ln in lines)
-        if data == b"[DONE]":
-            events.append((block, "[DONE]"))
-        elif data:
-            try:
-                parsed = json.loads(data)
-            except (ValueError, RecursionError) as exc:
-                raise errors.UpstreamError("Groq sent a stream event that is not JSON; try again.") from exc
-            if error_event or not isinstance(parsed, dict) or parsed.get("error"):
-                error = parsed.get("error") if isinstance(parsed, dict) else None
-                message = error.get("message") if isinstance(error, dict) else error
-                detail = f": {mask(message, secret)[:500]}" if isinstance(message, str) and message else ""
-                raise errors.UpstreamError(
-                    f"Groq reported an error during the stream{detail}", sdk_error=sdk_error(error, secret)
-                )
-            if not _well_formed(parsed):
-                raise errors.UpstreamError("Groq sent a stream event of an unexpected shape; try again.")
-            events.append((block, parsed))
+    for i, block in enumerate(blocks):
+        try:
+            event = _event(block, secret)
+        except errors.UpstreamError:
+            if not events:
+                raise
+            return events, b"\n\n".join([*blocks[i:], rest])
+        if event is not None:
+            events.append(event)
     return events, rest
+
+
+def _event(block: bytes, secret: str) -> tuple[bytes, Any] | None:
+    if block.startswith(b"data: ") and b"\n" not in block:  # Groq's usual one-line event
+        data, error_event = block[6:], False
+    else:
+        lines = block.split(b"\n")
+        data = b"\n".join(ln[5:].lstrip(b" ") for ln in lines if ln.startswith(b"data:"))
+        error_event = any(ln.replace(b" ", b"") == b"event:error" for ln in lines)
+    if data == b"[DONE]":
+        return block, "[DONE]"
+    if not data:
+        return None
+    try:
+        parsed = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise errors.UpstreamError("Groq sent a stream event that is not JSON; try again.") from exc
+    if error_event or not isinstance(parsed, dict) or parsed.get("error"):
+        error = parsed.get("error") if isinstance(parsed, dict) else None
+        message = error.get("message") if isinstance(error, dict) else error
+        detail = f": {mask(message, secret)[:500]}" if isinstance(message, str) and message else ""
+        raise errors.UpstreamError(
+            f"Groq reported an error during the stream{detail}", sdk_error=sdk_error(error, secret)
+        )
+    if not _well_formed(parsed):
+        raise errors.UpstreamError("Groq sent a stream event of an unexpected shape; try again.")
+    return block, parsed
 
 
 def json_object(raw: bytes) -> dict[str, Any]:

@@ -11,8 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import ssl
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote
 
@@ -22,6 +21,7 @@ import httpx
 
 import errors
 import groq_wire
+import upstream_clients
 from config import Settings, load_settings
 from groq_wire import ChatResult, Delta
 from validation import parse_chat
@@ -38,7 +38,7 @@ RateLimits = list[tuple[str, str]] | None  # a list to add Groq's x-ratelimit-* 
 
 
 class Upstream:
-    """The Groq clients the process shares (one connection each, made when first needed), closed at shutdown."""
+    """Calls to Groq, each on an SDK client leased from upstream_clients.py, closed at shutdown."""
 
     def __init__(self, settings: Settings) -> None:
         if not settings.groq_api_key:
@@ -46,57 +46,10 @@ class Upstream:
         self._secret: str = settings.groq_api_key
         self._timeout = settings.groq_timeout
         self._idle_timeout = settings.stream_idle_timeout
-        # One connection per pool, at most one call on it at a time, so httpcore never queues a call. Its pool is
-        # unfair when full: one pass hands the same idle connection to every queued call, the losers wait again,
-        # and a fresh arrival beats them to the next one; at saturation an unlucky call lost that race up to 64
-        # times (p99 3 s at c=64, issue 16). One big pool is worse still: it checks every idle connection on each
-        # call (90 req/s at c=64). A stack of free pools reuses the warmest connection first.
-        self._client_options: dict[str, Any] = {
-            "api_key": settings.groq_api_key,
-            "base_url": settings.groq_base_url,
-            "timeout": settings.groq_timeout,
-            "max_retries": settings.groq_max_retries,
-        }
-        self._tls: ssl.SSLContext | None = None  # one CA bundle for all pools, loaded with the first: ~25 ms, 1.7 MB
-        self._clients: list[groq.AsyncGroq | None] = [None] * settings.max_concurrency  # each made when first needed
-        self._busy = [0] * settings.max_concurrency
-        self._free = list(reversed(range(settings.max_concurrency)))  # pools with no call, the next one last
+        self._clients = upstream_clients.build(settings)
 
     async def aclose(self) -> None:
-        for client in self._clients:
-            if client is not None:
-                await client.close()
-
-    @contextlib.asynccontextmanager
-    async def _client(self) -> AsyncIterator[groq.AsyncGroq]:
-        # The slot is freed only after the pool, so one is always free; were it not, two calls would share one.
-        shard = self._free.pop() if self._free else self._busy.index(min(self._busy))
-        self._busy[shard] += 1
-        try:
-            yield self._clients[shard] or self._new_client(shard)
-        except (groq.APIStatusError, errors.ServiceError):
-            raise  # Groq answered, or we ended the stream and closed its response: the connection is sound
-        except BaseException:
-            # A call cut short (a client that left, a deadline, a broken connection) can leave the pool's one
-            # connection marked busy in httpcore, and every later call on it would wait for GROQ_TIMEOUT: the
-            # pool starts afresh instead.
-            stale = self._clients[shard]
-            if stale is not None and self._busy[shard] == 1:
-                self._clients[shard] = None
-                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):  # the call's own error wins
-                    await stale.close()
-            raise
-        finally:
-            self._busy[shard] -= 1
-            if not self._busy[shard]:
-                self._free.append(shard)
-
-    def _new_client(self, shard: int) -> groq.AsyncGroq:
-        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-        self._tls = self._tls or httpx.create_ssl_context()
-        http_client = groq.DefaultAsyncHttpxClient(limits=limits, verify=self._tls)
-        client = self._clients[shard] = groq.AsyncGroq(**self._client_options, http_client=http_client)
-        return client
+        await self._clients.aclose()
 
     async def complete(
         self, body: dict[str, Any], chain: Chain | None = None, rate_limits: RateLimits = None
@@ -145,7 +98,7 @@ class Upstream:
         options: groq.RequestOptions = {} if retries is None else {"max_retries": retries}
         with groq_wire.mapped_errors(self._secret):
             timeout = asyncio.timeout(self._timeout) if deadline is None else asyncio.timeout_at(deadline)
-            async with self._client() as client, timeout:
+            async with self._clients.lease() as client, timeout:
                 if body is None:
                     response = await client.get(path, cast_to=httpx.Response)
                 else:
@@ -180,7 +133,7 @@ class Upstream:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout if deadline is None else deadline
         with groq_wire.mapped_errors(self._secret):
-            async with self._client() as client:
+            async with self._clients.lease() as client:
                 async with asyncio.timeout_at(deadline):
                     response = cast(
                         httpx.Response,
@@ -209,6 +162,8 @@ class Upstream:
                         if events:
                             done = events[-1][1] == "[DONE]"
                             yield events
+                        if b"\n\n" in pending:  # a bad event after those: raises now they are relayed
+                            groq_wire.split_events(pending, self._secret)
                         deadline = loop.time() + self._idle_timeout
                     if not done:
                         raise errors.UpstreamError("Groq ended the stream before it was complete; try again.")

@@ -4,6 +4,7 @@
     python bench/run.py --quick --out -     # a tiny smoke run (what the tests do)
     python bench/run.py --only fallback     # one group of rows alone (here FALLBACK_MODELS's cost)
     python bench/run.py --only quota        # the quota rows: CPU in process and in Redis, the busy loop
+    python bench/run.py --only fast-extra   # the default install vs the fast extra, side by side (fast_extra.py)
 
 With 2+ cores the service runs alone on core 0 and the fake upstream and load generator on core 1.
 Load comes from wrk when installed (apt-get install wrk), else from a lean asyncio client.
@@ -597,7 +598,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--python", default=sys.executable, help="interpreter of the venv to measure")
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run: 1 run, short phases")
-    parser.add_argument("--only", choices=sorted(ONLY), help="measure only this group of rows")
+    parser.add_argument("--only", choices=sorted([*ONLY, "fast-extra"]), help="measure only this group of rows")
     parser.add_argument("--no-wrk", action="store_true", help="use the asyncio load generator even if wrk is installed")
     parser.add_argument("--out", help="Markdown file to write ('-' for none); default bench/results/<date>.md")
     args = parser.parse_args()
@@ -608,13 +609,22 @@ def main() -> None:
         args.seconds = max(1, round(args.seconds))
     fake, fake_url = start_fake(args.python, args.chunks)
     try:
-        if args.only:
+        if args.only == "fast-extra":
+            rows = []
+        elif args.only:
             rows = [ONLY[args.only](args.python, fake_url, args.seconds, wrk) for _ in range(args.runs)]
         else:
             rows = [
                 one_run(args.python, fake_url, args.seconds, args.streams, args.chunks, args.workers, wrk)
                 for _ in range(args.runs)
             ]
+        side_by_side = ""
+        if args.only in (None, "fast-extra"):
+            import fast_extra  # bench/fast_extra.py, beside this script
+
+            side_by_side = "\n" + fast_extra.side_by_side(
+                args.python, fake_url, args.runs, args.seconds, args.streams, wrk
+            )
     finally:
         fake.terminate()
         fake.wait(10)
@@ -625,7 +635,8 @@ def main() -> None:
         f"workers={args.workers}, {'service pinned to core 0' if TWO_CORES else 'no pinning'} · "
         f"`python bench/run.py {' '.join(sys.argv[1:])}`"
     )
-    table = report(rows, runtime_distributions(args.python), meta)
+    table = report(rows, runtime_distributions(args.python), meta) if rows else meta + "\n"
+    table += side_by_side
     print(table)
     if args.out != "-":
         name = f"{datetime.date.today()}{'-' + args.only if args.only else ''}.md"

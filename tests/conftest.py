@@ -32,9 +32,30 @@ ROOT = Path(__file__).resolve().parent.parent
 CLIENT_TOKEN = "svc_canary_client_token_9f8e7d6c"
 
 
+TRANSPORTS = ("httpx", "aiohttp")  # UPSTREAM_TRANSPORT: the default install's, and the fast extra's
+
+
 def groq_env(fake: FakeGroq, **overrides: str) -> dict[str, str]:
-    """Settings for a service that talks to `fake`: no SDK retries unless a test asks for them."""
-    return {"GROQ_API_KEY": API_KEY, "GROQ_BASE_URL": fake.url, "GROQ_MAX_RETRIES": "0", **overrides}
+    """Settings for a service that talks to `fake`: no SDK retries unless a test asks for them, and the test's
+    upstream transport (the `upstream_transport` fixture)."""
+    transport = os.environ.get("UPSTREAM_TRANSPORT", "httpx")  # unset for a fixture wider than one test
+    env = {"GROQ_API_KEY": API_KEY, "GROQ_BASE_URL": fake.url, "GROQ_MAX_RETRIES": "0"}
+    return {**env, "UPSTREAM_TRANSPORT": transport, **overrides}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test marked `both_transports` that calls a fake Groq runs once per upstream transport."""
+    if metafunc.definition.get_closest_marker("both_transports") and "fake" in metafunc.fixturenames:
+        metafunc.parametrize("upstream_transport", TRANSPORTS, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def upstream_transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The transport the test's services call Groq with, in UPSTREAM_TRANSPORT for groq_env and the processes
+    a test starts: httpx (the default install's) unless the test is marked `both_transports`."""
+    transport = str(getattr(request, "param", "httpx"))
+    monkeypatch.setenv("UPSTREAM_TRANSPORT", transport)
+    return transport
 
 
 class Service:

@@ -10,6 +10,8 @@ import pytest
 from conftest import Service, groq_env
 from fake_groq import API_KEY, Behaviour, FakeGroq
 
+pytestmark = pytest.mark.both_transports  # every test here runs on httpx and on aiohttp
+
 PROMPT = {"prompt": "Say hello"}
 
 

@@ -15,6 +15,8 @@ import pytest
 from conftest import CLIENT_TOKEN, Service, groq_env
 from fake_groq import API_KEY, Behaviour, FakeGroq
 
+pytestmark = pytest.mark.both_transports  # every test here runs on httpx and on aiohttp
+
 MESSAGES = [{"role": "user", "content": "Say hello"}]
 WEATHER_TOOL = {
     "type": "function",

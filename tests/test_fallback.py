@@ -16,6 +16,8 @@ from test_chat import assert_error
 from test_lifetimes import _port, _request, _wait_for
 from test_streaming import sse_events
 
+pytestmark = pytest.mark.both_transports  # every test here runs on httpx and on aiohttp
+
 A, B, C, D, E = "openai/gpt-oss-120b", "openai/gpt-oss-20b", "qwen/qwen3.6-27b", "qwen/qwen3.8-27b", "compound-beta"
 ASK_A = {"prompt": "Say hello", "model": A}
 MESSAGES = [{"role": "user", "content": "Say hello"}]

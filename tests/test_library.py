@@ -12,6 +12,8 @@ from fake_groq import Behaviour, FakeGroq
 import errors
 import llm
 
+pytestmark = pytest.mark.both_transports  # every test here runs on httpx and on aiohttp
+
 
 @pytest.fixture
 def script_env(fake: FakeGroq, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeGroq:

@@ -24,6 +24,8 @@ import streaming
 from app import create_app
 from config import load_settings
 
+pytestmark = pytest.mark.both_transports  # every test here runs on httpx and on aiohttp
+
 MESSAGES = [{"role": "user", "content": "Say hello"}]
 # 6 MB in 1,500 pieces: more than all the buffers between the service and a client (Linux lets a socket's
 # send buffer grow to 4 MB), so a client that stops reading makes the service's writes wait.

@@ -19,6 +19,8 @@ from test_streaming import stream_and_check
 
 import llm
 
+pytestmark = pytest.mark.both_transports  # every test here runs on httpx and on aiohttp
+
 REASONING = "The user wants a greeting. Keep it short."
 THINKING = Behaviour(reasoning=REASONING, reasoning_tokens=9)
 JSON_TEXT = '{"answer": 42, "items": ["a b", "c"], "ok": true}'

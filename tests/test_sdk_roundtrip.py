@@ -20,6 +20,8 @@ import pytest
 from conftest import CLIENT_TOKEN, Service, groq_env
 from fake_groq import API_KEY, MODELS, RATE_HEADERS, Behaviour, FakeGroq, groq_error
 
+pytestmark = pytest.mark.both_transports  # every test here runs on httpx and on aiohttp
+
 MODEL = "openai/gpt-oss-20b"
 MESSAGES = [{"role": "user", "content": "Weather in Oslo?"}]
 AUTH = {"Authorization": f"Bearer {CLIENT_TOKEN}"}

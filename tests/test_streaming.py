@@ -12,6 +12,8 @@ from conftest import Service, groq_env
 from fake_groq import API_KEY, Behaviour, FakeGroq
 from test_chat import assert_error
 
+pytestmark = pytest.mark.both_transports  # every test here runs on httpx and on aiohttp
+
 STREAM = {"prompt": "Count", "stream": True}
 
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import pytest
 from conftest import groq_env
 from fake_groq import FakeGroq
+
+pytestmark = pytest.mark.both_transports  # every test here runs on httpx and on aiohttp
 
 
 def test_a_stream_hands_its_connection_to_the_next_call(fake: FakeGroq, start_service: Any) -> None:

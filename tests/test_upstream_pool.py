@@ -12,8 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import pytest
 from conftest import groq_env
 from fake_groq import Behaviour, FakeGroq
+
+pytestmark = pytest.mark.both_transports  # every test here runs on httpx and on aiohttp
 
 
 def test_calls_at_capacity_reuse_one_connection_each(fake: FakeGroq, start_service: Any) -> None:
