@@ -16,6 +16,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import groq
 import httpx
 
@@ -47,8 +48,11 @@ class _AioHttpClient(groq.DefaultAioHttpClient):
             return await super().send(request, **kwargs)
         except httpx.ConnectTimeout as exc:
             # httpx-aiohttp maps every aiohttp connection error (refused, reset, closed before the answer) to
-            # ConnectTimeout; httpx raises ConnectError or RemoteProtocolError there, which the SDK and
-            # groq_wire.mapped_errors take for "unreachable", not for "did not answer in time".
+            # ConnectTimeout; httpx raises ConnectError (no connection: the request was never sent, charged 0)
+            # or RemoteProtocolError (Groq closed it after the request went out: it may have generated), as
+            # groq_wire.mapped_errors and the quota's charging table expect. Only a real timeout stays one.
             if isinstance(exc.__cause__, TimeoutError):
                 raise
-            raise httpx.ConnectError(str(exc), request=request) from exc.__cause__
+            if isinstance(exc.__cause__, aiohttp.ClientConnectorError):  # refused, DNS, TLS: never sent
+                raise httpx.ConnectError(str(exc), request=request) from exc.__cause__
+            raise httpx.RemoteProtocolError(str(exc), request=request) from exc.__cause__

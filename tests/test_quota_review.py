@@ -163,6 +163,7 @@ CHARGES = {  # README's charging table, the rows decided by how the call to Groq
 }
 
 
+@pytest.mark.both_transports
 @pytest.mark.parametrize("row", CHARGES)
 def test_what_a_failed_call_to_groq_is_charged(fake: FakeGroq, start_service: Any, row: str) -> None:
     model, status, error, charged = CHARGES[row]
