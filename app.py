@@ -224,7 +224,7 @@ class Service:
 
     def _log_request(self, request: Request, model: str, messages: object, stream: bool) -> dict[str, Any]:
         fields: dict[str, Any] = request.scope[LOG_FIELDS]
-        fields["model"] = model
+        fields["model"] = None  # Groq's, once it names one; RequestLog writes the one asked for if it never does
         request.scope[REQUESTED] = (model, stream, 0.0)
         if self.settings.log_prompts:
             fields["messages"] = messages

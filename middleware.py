@@ -31,7 +31,10 @@ logger = logging.getLogger("service")
 LOG_FIELDS = "service.log_fields"  # scope key: the dict that becomes the request's access line
 CLIENT = "service.client"  # scope key: the ServiceKey of the caller, set by Authorize (quotas and models use it)
 LOCAL = ServiceKey("local", b"")  # every loopback caller when no token is configured: one client
-REQUESTED = "service.requested"  # scope key, for metrics: (model, streamed, ms into the Groq wait its call began)
+# scope key, for metrics: (model, streamed, ms into the Groq wait its call began). The access line's `model` is
+# None until Groq names the model it answers with (metrics learn model labels only from Groq) or a fallback is
+# tried; RequestLog writes the one asked for if neither happened.
+REQUESTED = "service.requested"
 OPEN_PATHS = frozenset({"/", "/healthz", "/readyz"})
 LOOPBACK_ONLY = (
     "Only loopback clients may call this service: set SERVICE_API_KEYS (or SERVICE_KEYS_FILE) to serve"
@@ -97,6 +100,8 @@ class RequestLog:
             fields["duration_ms"] = elapsed_ms(started)
             if finished is not None:  # before the line, so whoever sees the line sees its metrics
                 finished()
+            if fields.get("model", "") is None:  # Groq named no model: the line shows the one asked for
+                fields["model"] = scope[REQUESTED][0]
             logger.info("request", extra={"fields": fields})
             logging_config.REQUEST_ID.reset(token)
             body.give_back(scope)  # after the line: the handler and its objects are gone by now
