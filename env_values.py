@@ -134,15 +134,23 @@ class Reader:
 
     def tokens(self, name: str) -> tuple[str, ...]:
         """Comma-separated secrets; spaces next to a comma only separate them."""
-        tokens = tuple(part.strip(" ") for part in self.environ.get(name, "").split(",") if part.strip(" "))
-        for token in tokens:
-            Reader({name: token}, self.files).secret(name)
-            if len(token) < MIN_TOKEN_LENGTH:
-                raise SettingsError(
-                    f"{self._label(name)} entries must be at least {MIN_TOKEN_LENGTH} characters; make each with"
-                    ' python -c "import secrets; print(secrets.token_urlsafe(24))"; the value is not shown'
-                )
-        return tokens
+        parts = (part.strip(" ") for part in self.environ.get(name, "").split(","))
+        return tuple(self._token(name, part, f"{self._label(name)} entries") for part in parts if part)
+
+    def token(self, name: str) -> str | None:
+        """One bearer token (METRICS_TOKEN): a secret of at least MIN_TOKEN_LENGTH characters."""
+        value = self.secret(name)
+        return None if value is None else self._token(name, value, self._label(name))
+
+    def _token(self, name: str, value: str, label: str) -> str:
+        """A bearer token; `label` names it in the message ("SERVICE_API_KEYS entries", "METRICS_TOKEN")."""
+        Reader({name: value}, self.files).secret(name)
+        if len(value) < MIN_TOKEN_LENGTH:
+            raise SettingsError(
+                f"{label} must be at least {MIN_TOKEN_LENGTH} characters; make one with"
+                ' python -c "import secrets; print(secrets.token_urlsafe(24))"; the value is not shown'
+            )
+        return value
 
     def fallbacks(self, name: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
         """Comma-separated `model>fallback` pairs, each model with at most one fallback; every model that has one,

@@ -8,7 +8,7 @@ quota, and fallback.py each fallback taken. Nothing a client sends can add a ser
 templates (else `other`), methods the standard ones (else `_OTHER`), keys the configured clients' names or token
 key ids, and a model label only GROQ_MODEL, ALLOWED_MODELS, FALLBACK_MODELS, or (when ALLOWED_MODELS is unset)
 the first `_LEARNED_MODELS` models Groq answered with (in a completion or a stream chunk); any other model is
-`other`.
+`other`. /metrics answers only METRICS_TOKEN or, without it, loopback peers (access.Authorize).
 
 With several workers, prometheus-client's multiprocess mode: `python app.py` makes a private directory for
 its files (`shared_directory`) and every worker writes there, so whichever worker answers a scrape sums them.
