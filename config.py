@@ -7,11 +7,11 @@ import importlib.util
 import io
 import json
 import os
+import re
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
@@ -140,10 +140,10 @@ def _secrets_in(environ: Mapping[str, str]) -> list[str]:
 
 
 def _password(url: str | None) -> str:
-    try:
-        return (urlsplit(url.strip()).password or "") if url else ""
-    except ValueError:  # not a URL at all: REDIS_URL's own check says so, without showing it
-        return ""
+    """A URL's password, read as urlsplit reads it but also from a URL it cannot parse (a config error shows none)."""
+    netloc = re.split(r"[/?#]", (url or "").strip().partition("://")[2], maxsplit=1)[0]
+    userinfo, at, _ = netloc.rpartition("@")
+    return userinfo.partition(":")[2] if at else ""
 
 
 def _masked(message: str, environ: Mapping[str, str]) -> str:

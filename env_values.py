@@ -7,6 +7,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 MODEL_PATTERN = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -77,7 +78,7 @@ class Reader:
 
     def redis_url(self, name: str) -> str | None:
         raw = self._raw(name)
-        if raw is not None and not re.fullmatch(r"rediss?://[^\s/?#]+(/[0-9]{0,5})?", raw):
+        if raw is not None and not (re.fullmatch(r"rediss?://[^\s/?#]+(/[0-9]{0,5})?", raw) and _parses(raw)):
             raise SettingsError(
                 f"{self._label(name)} must look like redis://host:port/db or rediss://... (its value is not shown)"
             )
@@ -202,6 +203,15 @@ def check_model(name: str, value: str) -> str:
     if not MODEL_PATTERN.fullmatch(value):
         raise SettingsError(f"{name} must hold 1-128 characters of A-Z a-z 0-9 . _ : / - ({shown(value)})")
     return value
+
+
+def _parses(url: str) -> bool:
+    """Whether urlsplit reads its port (and so its password): not with a `[` left open or a port that is no number."""
+    try:
+        port = urlsplit(url).port
+    except ValueError:
+        return False
+    return port is None or port > 0
 
 
 def _is_ip(text: str) -> bool:

@@ -16,6 +16,8 @@ from conftest import Process, free_port
 from fake_groq import Behaviour, FakeGroq
 from test_metrics import MODEL
 
+from config import SettingsError, load_settings
+
 GROQ_KEY = 'gsk_"groq\\key_7Hq2Lx9Vb4'
 CLIENTS = ('c1_"alpha\\tok_Zr8Kp3Wm6Q', 'c2_"bravo\\tok_Jd5Nt1Yc7X')
 SCRAPER = 'm_"scrape\\tok_Ue4Gh9Bs2F'
@@ -111,3 +113,16 @@ def test_no_secret_reaches_a_configuration_error(start_process: Any, fmt: str, s
     [line] = proc.lines
     assert "GROQ_MODEL must hold 1-128 characters" in line and "[redacted]" in line
     assert not leaks(line), leaks(line)
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://:hunter2@[::1:6379/0", "redis://:hunter2@127.0.0.1:port/0", "redis://u:hunter2@h:0"]
+)
+def test_a_redis_url_that_does_not_parse_is_refused_and_its_password_still_masked(url: str) -> None:
+    """The regular expression lets these through; urlsplit, which redis-py uses, cannot read them."""
+    with pytest.raises(SettingsError) as raised:
+        load_settings({"REDIS_URL": url})
+    assert str(raised.value) == "REDIS_URL must look like redis://host:port/db or rediss://... (its value is not shown)"
+    with pytest.raises(SettingsError) as raised:
+        load_settings({"REDIS_URL": url, "GROQ_MODEL": "hunter2 x"})  # refused first, showing its value
+    assert str(raised.value).endswith("(got '[redacted] x')")
