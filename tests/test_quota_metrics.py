@@ -126,8 +126,7 @@ def test_configured_names_label_the_clients_and_their_own_limits(
             service.client.post("/chat", json=PROMPT, headers={"authorization": f"Bearer {token}"}).status_code == 200
         )
     chat_lines(service, 3)
-    ops = {"authorization": f"Bearer {OPS_TOKEN}"}
-    assert remaining(service, ops) == {("ops", "requests_per_minute"): 1, ("batch", "requests_per_minute"): 3}
+    assert remaining(service) == {("ops", "requests_per_minute"): 1, ("batch", "requests_per_minute"): 3}
 
 
 def test_no_quota_no_series(fake: FakeGroq, start_service: Any) -> None:
