@@ -180,7 +180,7 @@ class Upstream:
         The first list comes with Groq's first chunk even when that holds no text (a reasoning model's
         first chunk is only its role), so a stream can start while the model is still thinking.
         """
-        final: dict[str, Any] = {"model": body["model"]}  # the one asked for, until Groq names one
+        final: dict[str, Any] = {}
         finish_reason, first, shows_reasoning, named = None, True, _shows_reasoning(body), None
         body = {**body, "stream_options": _INCLUDE_USAGE}
         async with contextlib.aclosing(self.stream_events(body, chain, rate_limits)) as stream:
@@ -190,8 +190,7 @@ class Upstream:
                     if data == "[DONE]":
                         continue
                     if data.get("model") and data["model"] != named:  # Groq names its model: for the access line
-                        named = final["model"] = data["model"]
-                        deltas.append(("model", named))
+                        deltas.append(("model", named := data["model"]))
                     final["usage"] = groq_wire.chunk_usage(data) or final.get("usage")
                     for choice in data.get("choices") or ():
                         delta = choice.get("delta") or {}
@@ -203,7 +202,7 @@ class Upstream:
                 if deltas or first:
                     first = False
                     yield deltas
-        yield ChatResult("", str(final["model"]), groq_wire.usage(final.get("usage")), finish_reason)
+        yield ChatResult("", named or body["model"], groq_wire.usage(final.get("usage")), finish_reason)
 
 
 def _shows_reasoning(body: dict[str, Any]) -> bool:
