@@ -17,7 +17,7 @@ _HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?", re.I)
 _ORIGIN = re.compile(r"(https?)://(\[[0-9a-f:.]+\]|[^/:\[\]]+)(?::([0-9]{1,5}))?", re.I)
 _SHOWN_MAX = 24  # a longer value is described, not echoed: it may hold a secret pasted into the wrong variable
 # Each secret may come from a file instead (Docker secrets, systemd's LoadCredential=): <NAME>_FILE holds its path.
-SECRET_VARIABLES = ("GROQ_API_KEY", "SERVICE_API_KEYS", "REDIS_URL")
+SECRET_VARIABLES = ("GROQ_API_KEY", "SERVICE_API_KEYS", "REDIS_URL", "METRICS_TOKEN")
 
 
 class SettingsError(ValueError):

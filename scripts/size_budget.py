@@ -71,9 +71,11 @@ FEATURE_MODULES = {  # what each optional feature adds, imported only when it is
 # +115 default, +120 total for issue 23: METRICS_TOKEN (its reader and start-up checks, /metrics's own access
 # rule in Authorize), model labels only from Groq's answer, masking every escaped form of every secret, and a
 # REDIS_URL that urlsplit cannot read refused at start-up.
+# +20 more for issue 23 after the rebase on issue 25: METRICS_TOKEN's digest in the reloadable Keyring, and
+# access.py (Keyring and Authorize) split from middleware.py, which passed 300 lines, with its own header.
 # Raise them again only with the change that needs it.
-DEFAULT_BUDGET = 3575
-TOTAL_BUDGET = 4905
+DEFAULT_BUDGET = 3595
+TOTAL_BUDGET = 4925
 ROOT = Path(__file__).resolve().parent.parent
 
 
