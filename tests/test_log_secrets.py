@@ -6,8 +6,11 @@ text, and a configuration error."""
 from __future__ import annotations
 
 import json
+import signal
+import time
 import urllib.parse
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,6 +26,7 @@ CLIENTS = ('c1_"alpha\\tok_Zr8Kp3Wm6Q', 'c2_"bravo\\tok_Jd5Nt1Yc7X')
 SCRAPER = 'm_"scrape\\tok_Ue4Gh9Bs2F'
 REDIS_PASSWORD = 'r_"redis\\pw_Ok6Va3Te8P'
 SECRETS = (GROQ_KEY, *CLIENTS, SCRAPER, REDIS_PASSWORD)
+RELOADED = ('c3_"reload\\tok_Bv6Ht9Lm3J', 'm_"reload\\scrape_Pq7Wn2Ks5R')  # a client's and the scraper's
 TEXT = "every secret: " + " ".join(SECRETS)
 
 
@@ -31,9 +35,9 @@ def _escapings(run: str) -> set[str]:
     return {run, once, json.dumps(once)[1:-1], repr(run)[1:-1]}
 
 
-def leaks(output: str) -> list[str]:
+def leaks(output: str, secrets: tuple[str, ...] = SECRETS) -> list[str]:
     """Every 8-character run of a secret found in `output` as written, JSON-escaped once or twice, or as repr()."""
-    runs = {secret[i : i + 8] for secret in SECRETS for i in range(len(secret) - 7)}
+    runs = {secret[i : i + 8] for secret in secrets for i in range(len(secret) - 7)}
     return sorted(form for run in runs for form in _escapings(run) if form in output)
 
 
@@ -126,3 +130,44 @@ def test_a_redis_url_that_does_not_parse_is_refused_and_its_password_still_maske
     with pytest.raises(SettingsError) as raised:
         load_settings({"REDIS_URL": url, "GROQ_MODEL": "hunter2 x"})  # refused first, showing its value
     assert str(raised.value).endswith("(got '[redacted] x')")
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_secrets_read_by_a_reload_are_masked_in_every_form(
+    fake: FakeGroq, start_process: Any, tmp_path: Path, fmt: str
+) -> None:
+    tokens, scraper = tmp_path / "tokens", tmp_path / "scraper"
+    tokens.write_text(",".join(CLIENTS))
+    scraper.write_text(SCRAPER)
+    env = {**secret_env(fake.url, fmt), "SERVICE_API_KEYS_FILE": str(tokens), "METRICS_TOKEN_FILE": str(scraper)}
+    del env["SERVICE_API_KEYS"], env["METRICS_TOKEN"]
+    proc: Process = start_process(env)
+    text = "reloaded: " + " ".join(RELOADED)
+    assert leaks(text, RELOADED)  # the check finds each new secret
+    tokens.write_text(RELOADED[0])
+    scraper.write_text(RELOADED[1])
+    proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while not any("reloaded: 1 client(s)" in line for line in proc.lines):
+        assert time.monotonic() < deadline, "no reload line:\n" + "\n".join(proc.lines)
+        time.sleep(0.02)
+    auth = {"authorization": f"Bearer {RELOADED[0]}"}
+    with httpx.Client(base_url=proc.url, timeout=30) as client:
+        assert client.post("/chat", json={"prompt": text}, headers=auth).status_code == 200  # the prompt is logged
+        assert client.get("/" + urllib.parse.quote(text), headers=auth).status_code == 404  # and the path
+        assert client.get("/metrics", headers={"authorization": f"Bearer {RELOADED[1]}"}).status_code == 200
+    assert proc.stop() == 0
+    output = "\n".join(proc.lines)
+    assert not leaks(output, RELOADED), leaks(output, RELOADED)
+    masked = "reloaded: [redacted] [redacted]"
+    if fmt == "json":
+        parsed = [json.loads(line) for line in proc.lines]  # masking left every line valid JSON
+        assert [line["messages"] for line in parsed if line.get("path") == "/chat"] == [
+            [{"role": "user", "content": masked}]
+        ]
+        assert [line["path"] for line in parsed if line.get("status") == 404] == ["/" + masked]
+    else:
+        [chat] = [line for line in proc.lines if " path=/chat " in line]
+        assert chat.count("[redacted]") == 2 + 5  # the prompt's two, and the five in the completion (TEXT)
+        [missing] = [line for line in proc.lines if " status=404 " in line]
+        assert missing.count("[redacted]") == 2
