@@ -19,16 +19,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+import access
 import body
 import errors
 import lifetimes
-import middleware
 import reloading
 import shutdown
 import streaming
 from config import Settings
 from llm import Upstream
-from middleware import CLIENT, LOG_FIELDS, REQUESTED, Authorize, Cors, RequestLog, elapsed_ms, http_error, service_error
+from middleware import CLIENT, LOG_FIELDS, REQUESTED, Cors, RequestLog, elapsed_ms, http_error, service_error
 from sdk_validation import check_model_id, parse_completion
 from validation import parse_chat
 
@@ -87,9 +87,7 @@ def create_app(settings: Settings, *, reload_on_hup: bool = False) -> Starlette:
         Middleware(lifetimes.Paced),
         Middleware(shutdown.EndOnShutdown, requests=service.requests),
         *(cors if settings.cors_origins else []),
-        Middleware(
-            Authorize, keyring=service.keyring, allowed_hosts=settings.allowed_hosts, cors_origins=settings.cors_origins
-        ),
+        Middleware(access.Authorize, keyring=service.keyring, settings=settings),
         *([Middleware(service.quota.gate)] if service.quota else []),
     ]
     app = Starlette(
@@ -108,7 +106,7 @@ class Service:
 
     def __init__(self, settings: Settings, *, reload_on_hup: bool = False) -> None:
         self.settings = settings  # replaced, with keyring and upstream, by a reload (reloading.py)
-        self.keyring = middleware.Keyring(settings)
+        self.keyring = access.Keyring(settings)
         self.reload_on_hup = reload_on_hup  # SIGHUP reloads the files (reloading.py): a main thread's loop only
         self.upstream: Upstream | None = None
         self.in_flight = 0
@@ -224,7 +222,7 @@ class Service:
 
     def _log_request(self, request: Request, model: str, messages: object, stream: bool) -> dict[str, Any]:
         fields: dict[str, Any] = request.scope[LOG_FIELDS]
-        fields["model"] = model
+        fields["model"] = None  # Groq's, once it names one; RequestLog writes the one asked for if it never does
         request.scope[REQUESTED] = (model, stream, 0.0)
         if self.settings.log_prompts:
             fields["messages"] = messages

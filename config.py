@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import io
+import json
 import os
+import re
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
@@ -78,15 +80,16 @@ class Settings:
     quota_day: float = 86400.0
     allowed_hosts: tuple[str, ...] = ()
     metrics: bool = False
+    metrics_token: str | None = field(default=None, repr=False)  # the scraper's own bearer token for /metrics
     upstream_transport: str = "httpx"  # UPSTREAM_TRANSPORT with "auto" resolved: "httpx" or "aiohttp"
     # The variables as read at start (the real environment over `.env`): a reload (SIGHUP, reloading.py) reads
     # the files they name again, never the environment.
     environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def secrets(self) -> tuple[str, ...]:
-        """What must never reach a log line or a client: the Groq key, the client tokens, Redis's password."""
-        redis_password = urlsplit(self.redis_url).password if self.redis_url else None
-        return tuple(s for s in (self.groq_api_key, *self.service_api_keys, redis_password) if s)
+        """What must never reach a log line or a client: the Groq key, the tokens, Redis's password."""
+        secrets = (self.groq_api_key, *self.service_api_keys, self.metrics_token, _password(self.redis_url))
+        return tuple(s for s in secrets if s)
 
     def quotas_on(self) -> bool:
         limits = (self.quota_requests_per_minute, self.quota_tokens_per_minute, self.quota_tokens_per_day)
@@ -126,10 +129,31 @@ def _dotenv(path: Path) -> dict[str, str]:
     return {k: v for k, v in dotenv_values(stream=io.StringIO(text)).items() if v is not None}
 
 
+def _secrets_in(environ: Mapping[str, str]) -> list[str]:
+    """Every secret the environment holds, checked or not: what a configuration error must not show."""
+    return [
+        environ.get("GROQ_API_KEY", ""),
+        *environ.get("SERVICE_API_KEYS", "").split(","),
+        environ.get("METRICS_TOKEN", ""),
+        _password(environ.get("REDIS_URL")),
+    ]
+
+
+def _password(url: str | None) -> str:
+    """A URL's password, read as urlsplit reads it but also from a URL it cannot parse (a config error shows none)."""
+    netloc = re.split(r"[/?#]", (url or "").strip().partition("://")[2], maxsplit=1)[0]
+    userinfo, at, _ = netloc.rpartition("@")
+    return userinfo.partition(":")[2] if at else ""
+
+
 def _masked(message: str, environ: Mapping[str, str]) -> str:
-    """Every run of 8 or more characters of a secret (a whole secret, if shorter) in any letter case."""
-    secrets = [environ.get("GROQ_API_KEY", ""), *environ.get("SERVICE_API_KEYS", "").split(",")]
-    for secret in {s.strip(" ").translate(_LOWER) for s in secrets}:
+    """Every run of 8 or more characters of a secret (a whole secret, if shorter) in any letter case, as written
+    or escaped the way a message quotes a value (repr) or a log line does (JSON, once or twice)."""
+    secrets = {s.strip(" ").translate(_LOWER) for s in _secrets_in(environ)}
+    quoted = {s.replace("\\", "\\\\") for s in secrets}  # as repr() shows a value: \ doubled, and ' escaped
+    quoted |= {q.replace("'", "\\'") for q in quoted}  # when the value holds both kinds of quote
+    once = {json.dumps(s)[1:-1] for s in secrets}
+    for secret in sorted(secrets | quoted | once | {json.dumps(s)[1:-1] for s in once}, key=len, reverse=True):
         if len(secret) < 4:  # a fragment that short would mask ordinary words; such tokens are refused anyway
             continue
         lower, kept, start = message.translate(_LOWER), [], 0  # ASCII-only lowering keeps every index
@@ -178,6 +202,7 @@ def _parse(environ: Mapping[str, str], files: Mapping[str, str], source: Mapping
         quota_fail_mode=env.choice("QUOTA_FAIL_MODE", default.quota_fail_mode, ("closed", "open")),
         redis_timeout=env.seconds("REDIS_TIMEOUT", default.redis_timeout),
         metrics=env.choice("METRICS", "false", ("true", "false")) == "true",
+        metrics_token=env.token("METRICS_TOKEN"),
         allowed_hosts=tuple(check_host_pattern("ALLOWED_HOSTS", h) for h in env.csv("ALLOWED_HOSTS")),
         upstream_transport=_transport(env.choice("UPSTREAM_TRANSPORT", "auto", ("auto", "httpx", "aiohttp"))),
         environ=dict(source),
@@ -195,6 +220,7 @@ def _parse(environ: Mapping[str, str], files: Mapping[str, str], source: Mapping
             "FORWARDED_ALLOW_IPS=* lets any client claim a loopback address; without SERVICE_API_KEYS name the"
             " proxy's own addresses, or set SERVICE_API_KEYS"
         )
+    _check_metrics_token(settings)
     if settings.metrics and importlib.util.find_spec("prometheus_client") is None:  # found, not imported
         raise SettingsError(
             "METRICS=true needs prometheus-client: pip install --require-hashes --no-deps -r requirements-metrics.txt"
@@ -221,6 +247,19 @@ def _keys_file(path: str | None, environ: Mapping[str, str]) -> tuple[ServiceKey
     import keys  # only with a keys file
 
     return keys.load(path)
+
+
+def _check_metrics_token(settings: Settings) -> None:
+    if settings.metrics_token is None:
+        return
+    if not settings.metrics:
+        raise SettingsError("METRICS_TOKEN is set but METRICS is not true: set METRICS=true, or unset METRICS_TOKEN")
+    digest = hashlib.sha256(settings.metrics_token.encode()).digest()
+    if settings.metrics_token in settings.service_api_keys or digest in {k.sha256 for k in settings.service_keys}:
+        raise SettingsError(
+            "METRICS_TOKEN must differ from every client token (SERVICE_API_KEYS, SERVICE_KEYS_FILE): the scraper"
+            " gets a token of its own, which cannot call Groq"
+        )
 
 
 def _check_quotas(settings: Settings) -> None:

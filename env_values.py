@@ -7,6 +7,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 MODEL_PATTERN = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -16,7 +17,7 @@ _HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?", re.I)
 _ORIGIN = re.compile(r"(https?)://(\[[0-9a-f:.]+\]|[^/:\[\]]+)(?::([0-9]{1,5}))?", re.I)
 _SHOWN_MAX = 24  # a longer value is described, not echoed: it may hold a secret pasted into the wrong variable
 # Each secret may come from a file instead (Docker secrets, systemd's LoadCredential=): <NAME>_FILE holds its path.
-SECRET_VARIABLES = ("GROQ_API_KEY", "SERVICE_API_KEYS", "REDIS_URL")
+SECRET_VARIABLES = ("GROQ_API_KEY", "SERVICE_API_KEYS", "REDIS_URL", "METRICS_TOKEN")
 
 
 class SettingsError(ValueError):
@@ -77,7 +78,7 @@ class Reader:
 
     def redis_url(self, name: str) -> str | None:
         raw = self._raw(name)
-        if raw is not None and not re.fullmatch(r"rediss?://[^\s/?#]+(/[0-9]{0,5})?", raw):
+        if raw is not None and not (re.fullmatch(r"rediss?://[^\s/?#]+(/[0-9]{0,5})?", raw) and _parses(raw)):
             raise SettingsError(
                 f"{self._label(name)} must look like redis://host:port/db or rediss://... (its value is not shown)"
             )
@@ -134,15 +135,23 @@ class Reader:
 
     def tokens(self, name: str) -> tuple[str, ...]:
         """Comma-separated secrets; spaces next to a comma only separate them."""
-        tokens = tuple(part.strip(" ") for part in self.environ.get(name, "").split(",") if part.strip(" "))
-        for token in tokens:
-            Reader({name: token}, self.files).secret(name)
-            if len(token) < MIN_TOKEN_LENGTH:
-                raise SettingsError(
-                    f"{self._label(name)} entries must be at least {MIN_TOKEN_LENGTH} characters; make each with"
-                    ' python -c "import secrets; print(secrets.token_urlsafe(24))"; the value is not shown'
-                )
-        return tokens
+        parts = (part.strip(" ") for part in self.environ.get(name, "").split(","))
+        return tuple(self._token(name, part, f"{self._label(name)} entries") for part in parts if part)
+
+    def token(self, name: str) -> str | None:
+        """One bearer token (METRICS_TOKEN): a secret of at least MIN_TOKEN_LENGTH characters."""
+        value = self.secret(name)
+        return None if value is None else self._token(name, value, self._label(name))
+
+    def _token(self, name: str, value: str, label: str) -> str:
+        """A bearer token; `label` names it in the message ("SERVICE_API_KEYS entries", "METRICS_TOKEN")."""
+        Reader({name: value}, self.files).secret(name)
+        if len(value) < MIN_TOKEN_LENGTH:
+            raise SettingsError(
+                f"{label} must be at least {MIN_TOKEN_LENGTH} characters; make one with"
+                ' python -c "import secrets; print(secrets.token_urlsafe(24))"; the value is not shown'
+            )
+        return value
 
     def fallbacks(self, name: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
         """Comma-separated `model>fallback` pairs, each model with at most one fallback; every model that has one,
@@ -194,6 +203,15 @@ def check_model(name: str, value: str) -> str:
     if not MODEL_PATTERN.fullmatch(value):
         raise SettingsError(f"{name} must hold 1-128 characters of A-Z a-z 0-9 . _ : / - ({shown(value)})")
     return value
+
+
+def _parses(url: str) -> bool:
+    """Whether urlsplit reads its port (and so its password): not with a `[` left open or a port that is no number."""
+    try:
+        port = urlsplit(url).port
+    except ValueError:
+        return False
+    return port is None or port > 0
 
 
 def _is_ip(text: str) -> bool:

@@ -22,7 +22,7 @@ _TOKEN_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
 _HEADER_TEXT = re.compile(r"[\x20-\x7e]{1,128}")
 
 
-Delta = tuple[str, str]  # ("reasoning" | "content", text): one piece of a /chat stream
+Delta = tuple[str, str]  # ("reasoning" | "content", text) or ("model", the model Groq names): a piece of a /chat stream
 
 
 @dataclass(frozen=True, slots=True)

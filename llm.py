@@ -174,13 +174,14 @@ class Upstream:
     async def chat_stream(
         self, body: dict[str, Any], chain: Chain | None = None, rate_limits: RateLimits = None
     ) -> AsyncGenerator[list[Delta] | ChatResult]:
-        """Yield lists of reasoning and text deltas (one list per read from Groq), then the final ChatResult.
+        """Yield lists of deltas (one list per read from Groq), then the final ChatResult.
 
+        A list holds reasoning and text deltas, and a ("model", name) one when a chunk first names Groq's model.
         The first list comes with Groq's first chunk even when that holds no text (a reasoning model's
         first chunk is only its role), so a stream can start while the model is still thinking.
         """
-        final: dict[str, Any] = {"model": body["model"]}
-        finish_reason, first, shows_reasoning = None, True, _shows_reasoning(body)
+        final: dict[str, Any] = {}
+        finish_reason, first, shows_reasoning, named = None, True, _shows_reasoning(body), None
         body = {**body, "stream_options": _INCLUDE_USAGE}
         async with contextlib.aclosing(self.stream_events(body, chain, rate_limits)) as stream:
             async for events in stream:
@@ -188,7 +189,8 @@ class Upstream:
                 for _, data in events:
                     if data == "[DONE]":
                         continue
-                    final["model"] = data.get("model") or final["model"]
+                    if data.get("model") and data["model"] != named:  # Groq names its model: for the access line
+                        deltas.append(("model", named := data["model"]))
                     final["usage"] = groq_wire.chunk_usage(data) or final.get("usage")
                     for choice in data.get("choices") or ():
                         delta = choice.get("delta") or {}
@@ -200,7 +202,7 @@ class Upstream:
                 if deltas or first:
                     first = False
                     yield deltas
-        yield ChatResult("", str(final["model"]), groq_wire.usage(final.get("usage")), finish_reason)
+        yield ChatResult("", named or body["model"], groq_wire.usage(final.get("usage")), finish_reason)
 
 
 def _shows_reasoning(body: dict[str, Any]) -> bool:

@@ -30,8 +30,9 @@ class _Formatter(logging.Formatter):
         self.mask(secrets)
 
     def mask(self, secrets: tuple[str, ...]) -> None:
-        # As written and as JSON escapes it, so a secret holding a quote or non-ASCII is masked too.
-        self._secrets = tuple({*self._secrets, *(form for s in secrets if s for form in (s, json.dumps(s)[1:-1]))})
+        """Mask these secrets too, in every form (_forms), longest first; those already masked stay masked."""
+        forms = {*self._secrets, *_forms(secrets, as_json=self._as_json)}
+        self._secrets = tuple(sorted(forms, key=len, reverse=True))
 
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] = {
@@ -51,10 +52,24 @@ class _Formatter(logging.Formatter):
         else:
             head = " ".join(str(fields.pop(k)) for k in ("ts", "level", "logger", "msg"))
             line = " ".join([head, *(f"{k}={_text_value(v)}" for k, v in fields.items())]).translate(_UNPRINTABLE)
-        for secret in self._secrets:
+        for secret in self._secrets:  # on the finished line, after every escaping
             if secret in line:
                 line = line.replace(secret, "[redacted]")
         return line
+
+
+def _forms(secrets: tuple[str, ...], *, as_json: bool) -> tuple[str, ...]:
+    """Each secret as it can appear in a finished line, longest first: JSON-escaped once (a string field), twice
+    (a text line quotes a JSON-encoded value again; logged text holding JSON) or three times, and, in a text line,
+    as written. A JSON line holds no secret unescaped that holds a quote or a backslash; such a form, replaced
+    there, could cut an escape in two."""
+    forms = set()
+    for secret in filter(None, secrets):
+        escaped = [secret]
+        for _ in range(3):
+            escaped.append(json.dumps(escaped[-1])[1:-1])
+        forms.update(escaped[1:] if as_json else escaped)
+    return tuple(sorted(forms, key=len, reverse=True))
 
 
 def _text_value(value: object) -> str:
@@ -96,7 +111,7 @@ def configure(
 
 
 def mask(secrets: tuple[str, ...]) -> None:
-    """Mask these secrets too (a reload read new ones); those already masked stay masked."""
+    """Mask these secrets too (a reload read new ones), in the same forms as those from start, which stay masked."""
     for handler in logging.getLogger().handlers:
         if isinstance(handler.formatter, _Formatter):
             handler.formatter.mask(secrets)

@@ -7,7 +7,8 @@ through the lifespan state); `Service` reports its Groq calls in flight, quota.p
 quota, and fallback.py each fallback taken. Nothing a client sends can add a series: routes are the app's
 templates (else `other`), methods the standard ones (else `_OTHER`), keys the configured clients' names or token
 key ids, and a model label only GROQ_MODEL, ALLOWED_MODELS, FALLBACK_MODELS, or (when ALLOWED_MODELS is unset)
-the first `_LEARNED_MODELS` models Groq answered with; any other model is `other`.
+the first `_LEARNED_MODELS` models Groq answered with (in a completion or a stream chunk); any other model is
+`other`. /metrics answers only METRICS_TOKEN or, without it, loopback peers (access.Authorize).
 
 With several workers, prometheus-client's multiprocess mode: `python app.py` makes a private directory for
 its files (`shared_directory`) and every worker writes there, so whichever worker answers a scrape sums them.
@@ -197,7 +198,9 @@ class Metrics:
         """A chat call that reached Groq (or tried to): duration, tokens, and a stream's first chunk, timed from
         `started_ms` into the wait on Groq: the calls that failed before it (fallback.py) are their own operations."""
         error = fields.get("error") or ""
-        answered = self._model(fields["model"], learn=not error)  # on success, the access line holds Groq's model
+        # The access line's model is None until Groq names one (a completion, a stream chunk): only Groq's names
+        # are learned, never a model a client asked for and Groq did not answer (the client may have left first).
+        answered = self._model(fields.get("model"), learn=not error)
         model = self._model(requested)
         ms = fields["duration_ms"] if stream or "upstream_ms" not in fields else fields["upstream_ms"]
         self._child(self.operations, *_GEN_AI, model, error).observe((ms - started_ms) / 1000)

@@ -117,15 +117,22 @@ class _EventStream(StreamingResponse):
 
 
 def chat_encoder(fields: dict[str, Any]) -> Callable[[list[Delta] | ChatResult], bytes]:
-    """/chat events: one `data: {"reasoning" or "content": ...}` per delta, then the metadata and `[DONE]`."""
+    """/chat events: one `data: {"reasoning" or "content": ...}` per delta, then the metadata and `[DONE]`.
+    A ("model", name) delta sends nothing: it is Groq naming its model, for the access line."""
 
     def encode(piece: list[Delta] | ChatResult) -> bytes:
-        if isinstance(piece, ChatResult):
-            log_result(fields, piece.model, piece.usage, False)
+        if isinstance(piece, ChatResult):  # its model is the one asked for if Groq named none: not logged as Groq's
+            log_result(fields, None, piece.usage, False)
             return b"data: %s\n\ndata: [DONE]\n\n" % json.dumps(piece.answer()).encode()
         if "completion" in fields:
             fields["completion"] += "".join(text for kind, text in piece if kind == "content")
-        return b"".join(_DELTA_EVENT[kind] % json.dumps(text).encode() for kind, text in piece)
+        events = []
+        for kind, text in piece:
+            if kind == "model":
+                fields["model"] = text
+            else:
+                events.append(_DELTA_EVENT[kind] % json.dumps(text).encode())
+        return b"".join(events)
 
     return encode
 
@@ -148,9 +155,12 @@ def relay_encoder(fields: dict[str, Any], strip_usage: bool = False) -> Callable
 
 
 def note_completion(fields: dict[str, Any], data: dict[str, Any]) -> None:
+    """A completion or stream chunk from Groq: the model it names, its usage, and its text with LOG_PROMPTS."""
+    if isinstance(model := data.get("model"), str):  # Groq naming its model (metrics learn labels only so)
+        fields["model"] = model
     usage = groq_wire.chunk_usage(data)
     if usage:
-        log_result(fields, data.get("model"), usage, False)
+        log_result(fields, None, usage, False)
     if "completion" in fields:
         for choice in data.get("choices") or ():
             part = (choice.get("delta") or choice.get("message") or {}).get("content")

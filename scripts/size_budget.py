@@ -12,6 +12,7 @@ from pathlib import Path
 MODULE_BUDGET = 300
 DEFAULT_MODULES = [
     "app",
+    "access",
     "body",
     "config",
     "env_values",
@@ -67,9 +68,14 @@ FEATURE_MODULES = {  # what each optional feature adds, imported only when it is
 # The +80 of issue 27: UPSTREAM_TRANSPORT (upstream_clients.py: llm.py's pools moved behind one lease, the choice,
 # the clients' options) and stream events relayed up to a bad one whatever the read boundaries (aiohttp batches
 # reads); the total's +130 adds upstream_aiohttp.py, the fast extra's one shared client.
+# +115 default, +120 total for issue 23: METRICS_TOKEN (its reader and start-up checks, /metrics's own access
+# rule in Authorize), model labels only from Groq's answer, masking every escaped form of every secret, and a
+# REDIS_URL that urlsplit cannot read refused at start-up.
+# +20 more for issue 23 after the rebase on issue 25: METRICS_TOKEN's digest in the reloadable Keyring, and
+# access.py (Keyring and Authorize) split from middleware.py, which passed 300 lines, with its own header.
 # Raise them again only with the change that needs it.
-DEFAULT_BUDGET = 3460
-TOTAL_BUDGET = 4785
+DEFAULT_BUDGET = 3595
+TOTAL_BUDGET = 4925
 ROOT = Path(__file__).resolve().parent.parent
 
 

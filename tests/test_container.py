@@ -123,14 +123,16 @@ def test_docker_stop_of_an_idle_container_exits_zero_within_2_s(
 def test_the_image_with_all_three_extras_serves_metrics_and_a_quota_in_redis(
     fake: FakeGroq, extras_image: str, start_container: Any, redis_server: RedisServer
 ) -> None:
-    env = _env(fake, METRICS="true", REDIS_URL=redis_server.url, QUOTA_REQUESTS_PER_MINUTE="2")
+    scraper = "prom_scraper_token_5a4b3c2d1e"
+    env = _env(fake, METRICS="true", METRICS_TOKEN=scraper, REDIS_URL=redis_server.url, QUOTA_REQUESTS_PER_MINUTE="2")
     container = start_container(extras_image, env, free_port())
     wait_until(container.answers, 10, "/healthz")
     answers = [httpx.post(container.url + "/chat", json={"prompt": "Hi"}, headers=HEADERS, timeout=30) for _ in "abc"]
     assert [a.status_code for a in answers] == [200, 200, 429]
     assert answers[2].json()["error"]["type"] == "quota_exceeded"
     assert redis_server.client().keys(), "the quota lives in Redis"
-    metrics = httpx.get(container.url + "/metrics", headers=HEADERS, timeout=10)
+    assert httpx.get(container.url + "/metrics", headers=HEADERS, timeout=10).status_code == 401  # a client's token
+    metrics = httpx.get(container.url + "/metrics", headers={"Authorization": f"Bearer {scraper}"}, timeout=10)
     assert metrics.status_code == 200
     assert re.search(r'^groq_proxy_refused_total\{reason="quota_exceeded"\} 1\.0$', metrics.text, re.M), metrics.text
     modules = "import sys, uvloop, httptools, redis, prometheus_client; print(sys.version.split()[0])"

@@ -30,6 +30,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MODEL = "openai/gpt-oss-20b"  # GROQ_MODEL's default
 STREAMED = "openai/gpt-oss-120b"
 AUTH = {"authorization": f"Bearer {CLIENT_TOKEN}"}
+SCRAPER_TOKEN = "prom_scraper_token_5a4b3c2d1e"
+SCRAPER = {"authorization": f"Bearer {SCRAPER_TOKEN}"}
 KEY_ID = hashlib.sha256(CLIENT_TOKEN.encode()).hexdigest()[:8]
 GEN_AI = ("chat", "groq")
 NOT_FOUND = {"message": "The model does not exist", "type": "invalid_request_error", "code": "model_not_found"}
@@ -90,7 +92,10 @@ def http_series(method: str, route: str, status: str) -> tuple[str, frozenset[tu
 
 
 def test_a_known_set_of_requests_gives_exact_counts(fake: FakeGroq, start_service: Any) -> None:
-    service: Service = start_service(groq_env(fake, METRICS="true", SERVICE_API_KEYS=CLIENT_TOKEN, MAX_CONCURRENCY="1"))
+    env = groq_env(
+        fake, METRICS="true", METRICS_TOKEN=SCRAPER_TOKEN, SERVICE_API_KEYS=CLIENT_TOKEN, MAX_CONCURRENCY="1"
+    )
+    service: Service = start_service(env)
     fake.behaviours[STREAMED] = Behaviour(chunks=5)
     fake.behaviours["stall/model"] = Behaviour(chunks=20, stall_after=1)
     fake.behaviours["gone/model"] = Behaviour(status=404, error=NOT_FOUND)
@@ -102,7 +107,7 @@ def test_a_known_set_of_requests_gives_exact_counts(fake: FakeGroq, start_servic
     with service.client.stream("POST", "/chat", json=held, headers=AUTH) as response:
         lines = response.iter_lines()  # kept: a dropped iterator closes the response
         next(lines)
-        during = scrape(service.url, AUTH)
+        during = scrape(service.url, SCRAPER)
         assert_error(post("/chat", json={"prompt": "Say hello"}, headers=AUTH), 503, "overloaded")
     wait_for(lambda: any(line.get("disconnected") for line in service.access_lines()), "the held stream's line")
     assert by(during, "groq_proxy_upstream_in_flight") == {(): 1}
@@ -118,7 +123,7 @@ def test_a_known_set_of_requests_gives_exact_counts(fake: FakeGroq, start_servic
     assert_error(post("/chat", json={"prompt": "x", "model": "qwen/qwen3.6-27b"}, headers=AUTH), 502, "upstream_error")
     assert_error(post("/chat", json={"prompt": "Say hello"}), 401, "unauthorized")
     assert_error(post("/chat", json={"prompt": 1}, headers=AUTH), 422, "validation_error")
-    assert_error(service.client.get("/metrics"), 401, "unauthorized")  # the same token rule as /chat
+    assert_error(service.client.get("/metrics", headers=AUTH), 401, "unauthorized")  # the scraper's token only
     assert_error(service.client.get("/nope", headers=AUTH), 404, "not_found")
     with groq.Groq(base_url=service.url, api_key=CLIENT_TOKEN, max_retries=0) as client:
         client.chat.completions.create(messages=[{"role": "user", "content": "Hi there"}], model=MODEL)
@@ -127,7 +132,7 @@ def test_a_known_set_of_requests_gives_exact_counts(fake: FakeGroq, start_servic
     assert service.client.get("/v1/models", headers=AUTH).status_code == 200
     service.access_lines(14)
 
-    after = scrape(service.url, AUTH)
+    after = scrape(service.url, SCRAPER)
     assert by(after, "http_server_request_duration_seconds_count", *HTTP) == {
         ("POST", "/chat", "200"): 3,
         ("POST", "/chat", "503"): 1,
@@ -199,7 +204,7 @@ def test_a_known_set_of_requests_gives_exact_counts(fake: FakeGroq, start_servic
         *(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0),
         float("inf"),
     ]
-    assert CLIENT_TOKEN not in str(after) and API_KEY not in str(after)
+    assert CLIENT_TOKEN not in str(after) and API_KEY not in str(after) and SCRAPER_TOKEN not in str(after)
 
 
 def test_loopback_only_mode_serves_metrics_to_loopback_peers_only(fake: FakeGroq, start_service: Any) -> None:

@@ -51,7 +51,7 @@ def test_keys_file_clients_are_counted_by_their_name(fake: FakeGroq, start_servi
         for kind, field in (("input", "prompt_tokens"), ("output", "completion_tokens"))
     }
     assert all(value > 0 for value in expected.values())
-    samples = scrape(service.url, {"authorization": f"Bearer {OPS_TOKEN}"})
+    samples = scrape(service.url)  # no METRICS_TOKEN: the loopback peer may scrape
     assert by(samples, "groq_proxy_tokens_total", *TOKENS) == expected
 
 
@@ -67,7 +67,7 @@ def test_quota_store_down_is_a_refusal_and_no_groq_operation(fake: FakeGroq, sta
     service = start_service(env)
     assert_error(service.client.post("/chat", json={"prompt": "Say hello"}, headers=AUTH), 503, "quota_unavailable")
     assert fake.chat_requests() == []
-    samples = scrape(service.url, AUTH)
+    samples = scrape(service.url)
     assert by(samples, OPERATIONS, *OPERATION) == {}
     assert by(samples, REFUSED, "reason") == {("quota_unavailable",): 1}
     assert by(samples, REQUESTS, *HTTP) == {("POST", "/chat", "503"): 1}

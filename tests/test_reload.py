@@ -32,6 +32,8 @@ BETA = "svc_beta_canary_token_222222222"
 BETA_NEW = "svc_beta_new_canary_token_33333"
 GAMMA = "svc_gamma_canary_token_44444444"
 NEW_GROQ_KEY = "gsk_rotated_fake_key_9876543210"
+SCRAPER = "m_scraper_canary_token_55555555"
+SCRAPER_NEW = "m_scraper_new_canary_token_666"
 CONTENT = "Hello from the fake Groq server."
 
 
@@ -217,6 +219,37 @@ def test_tokens_rotated_through_service_api_keys_file(fake: FakeGroq, start_proc
         assert statuses(client, BETA, 1) == {200} and statuses(client, GAMMA, 1) == {200}
     assert proc.stop() == 0
     assert not any(token in line for line in proc.lines for token in (ALPHA, BETA, GAMMA))
+
+
+def test_the_metrics_token_rotated_through_its_file(fake: FakeGroq, start_process: Any, tmp_path: Path) -> None:
+    tokens, scraper = tmp_path / "tokens", tmp_path / "scraper"
+    tokens.write_text(ALPHA + "\n")
+    scraper.write_text(SCRAPER + "\n")
+    env = groq_env(fake, METRICS="true", SERVICE_API_KEYS_FILE=str(tokens), METRICS_TOKEN_FILE=str(scraper))
+    proc = start_process(env)
+    refused = "reload failed, the configuration in use stays: METRICS_TOKEN must differ from every client token"
+    with httpx.Client(base_url=proc.url, timeout=30) as client:
+
+        def scrape(token: str) -> int:
+            return client.get("/metrics", headers=auth(token)).status_code
+
+        assert scrape(SCRAPER) == 200 and scrape(SCRAPER_NEW) == 401
+        scraper.write_text(SCRAPER_NEW + "\n")
+        hup_and_wait(proc, 1)
+        assert scrape(SCRAPER_NEW) == 200 and scrape(SCRAPER) == 401 and scrape(ALPHA) == 401
+        assert statuses(client, SCRAPER_NEW, 1) == {401} and statuses(client, ALPHA, 1) == {200}
+        scraper.write_text(ALPHA + "\n")  # the scraper's token made a client's: refused, nothing changes
+        [error] = hup_and_wait(proc, 1, "ERROR")
+        assert error["msg"].startswith(refused), error
+        assert scrape(SCRAPER_NEW) == 200 and scrape(ALPHA) == 401 and statuses(client, ALPHA, 1) == {200}
+        scraper.write_text(SCRAPER_NEW + "\n")
+        tokens.write_text(f"{ALPHA},{SCRAPER_NEW}\n")  # a client given the scraper's token: refused too
+        [error] = hup_and_wait(proc, 1, "ERROR")
+        assert error["msg"].startswith(refused), error
+        assert scrape(SCRAPER_NEW) == 200 and statuses(client, SCRAPER_NEW, 1) == {401}
+    assert proc.stop() == 0
+    assert len(reload_lines(proc, "ERROR")) == 2 and len(reload_lines(proc, "INFO")) == 1
+    assert not any(token in line for line in proc.lines for token in (ALPHA, SCRAPER, SCRAPER_NEW))
 
 
 def test_a_reload_while_the_workers_start_waits_for_them(fake: FakeGroq, start_process: Any, tmp_path: Path) -> None:

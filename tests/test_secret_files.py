@@ -68,6 +68,22 @@ STARTUP_ERRORS = [
     ({"GROQ_API_KEY_FILE": "{path}"}, "gsk_canary_0123456789\r\n", "GROQ_API_KEY_FILE ({path}) must be printable"),
     ({"SERVICE_API_KEYS_FILE": "{path}"}, "short", "SERVICE_API_KEYS_FILE ({path}) entries must be at least 16"),
     ({"REDIS_URL_FILE": "{path}"}, "http://" + SECRET_TEXT, "REDIS_URL_FILE ({path}) must look like redis://"),
+    (
+        {"METRICS": "true", "METRICS_TOKEN": OTHER, "METRICS_TOKEN_FILE": "{path}"},
+        OTHER,
+        "Set METRICS_TOKEN or METRICS_TOKEN_FILE, not both",
+    ),
+    ({"METRICS_TOKEN_FILE": "{path}"}, None, "METRICS_TOKEN_FILE: {path} cannot be read (No such file or directory)"),
+    ({"METRICS_TOKEN_FILE": "{path}"}, "dir", "METRICS_TOKEN_FILE: {path} cannot be read (Is a directory)"),
+    ({"METRICS_TOKEN_FILE": "{path}"}, "", "METRICS_TOKEN_FILE: {path} is empty"),
+    ({"METRICS_TOKEN_FILE": "{path}"}, "\n", "METRICS_TOKEN_FILE: {path} is empty"),
+    ({"METRICS_TOKEN_FILE": "{path}"}, SECRET_TEXT, "METRICS_TOKEN_FILE ({path}) must be printable ASCII"),
+    ({"METRICS_TOKEN_FILE": "{path}"}, "canary-short", "METRICS_TOKEN_FILE ({path}) must be at least 16"),
+    (
+        {"METRICS": "true", "SERVICE_API_KEYS": "svc_canary_client_0123456789", "METRICS_TOKEN_FILE": "{path}"},
+        "svc_canary_client_0123456789",
+        "METRICS_TOKEN must differ from every client token",
+    ),
 ]
 
 
