@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -235,6 +236,23 @@ def test_a_reload_while_the_workers_start_waits_for_them(fake: FakeGroq, start_p
         assert statuses(client, BETA) == {200} and statuses(client, ALPHA) == {401}
     assert proc.stop() == 0
     assert not [line for line in proc.json_lines() if line["level"] in ("WARNING", "ERROR")]
+
+
+def test_a_sighup_during_the_start_up_imports_is_ignored(fake: FakeGroq, start_process: Any) -> None:
+    """`-X importtime` writes a line to stderr as each import ends: SIGHUP once Starlette is imported, well before
+    server.main() runs (without app.py's first lines, the signal's default action would end the process)."""
+    command = [sys.executable, "-X", "importtime", "app.py"]
+    proc = start_process(groq_env(fake), command, wait=False)
+    deadline = time.monotonic() + 30
+    while not any(line.split("|")[-1].strip() == "starlette.applications" for line in proc.lines.copy()):
+        assert time.monotonic() < deadline, "\n".join(proc.lines)
+        time.sleep(0.005)
+    assert not any("Application startup" in line for line in proc.lines)  # still importing
+    proc.send_signal(signal.SIGHUP)
+    proc.wait_ready()  # asserts that it did not exit
+    assert httpx.post(proc.url + "/chat", json={"prompt": "hi"}, timeout=30).status_code == 200
+    assert proc.stop() == 0
+    assert not reload_lines(proc, "INFO")  # ignored, not applied: the next SIGHUP reloads
 
 
 @pytest.mark.parametrize("workers", [1, 2])
