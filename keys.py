@@ -34,6 +34,8 @@ def load(path: str) -> tuple[ServiceKey, ...]:
         raise SettingsError(f"SERVICE_KEYS_FILE is not valid TOML ({exc})") from None
     except UnicodeDecodeError as exc:  # tomllib decodes the whole file before parsing it
         raise SettingsError(f"SERVICE_KEYS_FILE is not UTF-8 text (byte {exc.start})") from None
+    except RecursionError:  # tomllib parses nested arrays and tables by recursion
+        raise SettingsError("SERVICE_KEYS_FILE is nested too deeply to parse") from None
     entries = data.get("keys")
     if set(data) != {"keys"} or not isinstance(entries, list) or not entries:
         raise SettingsError("SERVICE_KEYS_FILE must hold one or more [[keys]] tables and nothing else")

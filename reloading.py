@@ -52,6 +52,9 @@ class Reloader:
         except SettingsError as exc:
             logger.error("reload failed, the configuration in use stays: %s", exc)
             return
+        except Exception as exc:  # not foreseen: its message may quote a secret, so the type alone, no traceback
+            logger.error("reload failed, the configuration in use stays: unexpected %s", exc.__class__.__name__)
+            return
         old, new = service.upstream, None
         if old is not None and settings.groq_api_key != service.settings.groq_api_key:
             new = Upstream(settings)  # made before anything changes

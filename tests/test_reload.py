@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import signal
 import sys
 import threading
@@ -23,8 +24,9 @@ from conftest import Process, groq_env
 from fake_groq import API_KEY, Behaviour, FakeGroq
 from test_streaming import sse_events
 
+from app import create_app
 from config import ServiceKey, Settings, SettingsError
-from reloading import check_applicable
+from reloading import Reloader, check_applicable
 
 pytestmark = pytest.mark.slow
 HELD = "openai/gpt-oss-120b"  # the model whose streams the fake holds before their first word
@@ -140,6 +142,7 @@ BROKEN = [
     ),
     ("keys", f'[[keys]]\nname = "a b"\nsha256 = "{digest(ALPHA)}"\n', "SERVICE_KEYS_FILE keys[0].name must be"),
     ("keys", None, "SERVICE_KEYS_FILE cannot be read (No such file or directory)"),
+    ("keys", "a = " + "[" * 5000 + "]" * 5000, "SERVICE_KEYS_FILE is nested too deeply to parse"),
     ("keys", b'[[keys]]\nname = "\xff"\n', "SERVICE_KEYS_FILE is not UTF-8 text (byte 17)"),
     ("groq", "", "GROQ_API_KEY_FILE: {groq} is empty"),
     ("groq", "gsk with a space", "GROQ_API_KEY_FILE ({groq}) must be printable ASCII"),
@@ -292,6 +295,27 @@ def test_what_a_reload_cannot_change_is_refused(fake: FakeGroq, start_process: A
     with httpx.Client(base_url=proc.url, timeout=30) as client:
         assert statuses(client, ALPHA, 3) == {200}  # no quota came into force
     assert proc.stop() == 0
+
+
+class Unforeseen(dict[str, str]):
+    """Start-up variables whose reading fails in a way no check foresees, with a secret in the message."""
+
+    def get(self, key: str, default: Any = None) -> Any:
+        raise RuntimeError(f"failed near {ALPHA}")
+
+
+def test_an_unforeseen_failure_on_reload_is_one_line_and_changes_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    settings = Settings(service_api_keys=(ALPHA,), environ=Unforeseen())
+    service = create_app(settings, reload_on_hup=False).state.service
+    with caplog.at_level(logging.INFO, logger="service"):
+        Reloader(service).reload()
+    [record] = caplog.records
+    assert (record.levelname, record.getMessage(), record.exc_info) == (
+        "ERROR",
+        "reload failed, the configuration in use stays: unexpected RuntimeError",
+        None,
+    )
+    assert service.settings is settings and ALPHA not in caplog.text
 
 
 KEY = ServiceKey("alpha", bytes(32))
