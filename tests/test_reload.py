@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -147,6 +148,9 @@ BROKEN = [
     ("groq", "", "GROQ_API_KEY_FILE: {groq} is empty"),
     ("groq", "gsk with a space", "GROQ_API_KEY_FILE ({groq}) must be printable ASCII"),
     ("groq", None, "GROQ_API_KEY_FILE: {groq} cannot be read (No such file or directory)"),
+    ("groq", "fifo", "GROQ_API_KEY_FILE: {groq} cannot be read (not a regular file)"),
+    ("keys", "fifo", "SERVICE_KEYS_FILE cannot be read (not a regular file)"),
+    ("groq", "g" * 65537, "GROQ_API_KEY_FILE: {groq} is too large (over 64 KiB)"),
 ]
 
 
@@ -165,12 +169,16 @@ def test_a_broken_file_on_reload_changes_nothing(
         for which, text, message in BROKEN:
             if text is None:
                 files[which].unlink()
+            elif text == "fifo":  # a named pipe with no writer: a plain open would block the worker's loop
+                files[which].unlink()
+                os.mkfifo(files[which])
             else:
                 files[which].write_bytes(text if isinstance(text, bytes) else text.encode())
             errors = hup_and_wait(proc, workers, "ERROR")
             expected = "reload failed, the configuration in use stays: " + message.format(groq=files["groq"])
             assert all(line["msg"].startswith(expected) for line in errors), (expected, errors)
             assert statuses(client, ALPHA) == {200}  # the old key file and the old Groq key still serve
+            files[which].unlink(missing_ok=True)
             files[which].write_text(good[which])
     assert proc.stop() == 0
     assert len(reload_lines(proc, "ERROR")) == len(BROKEN) * workers  # one line per failed reload in each worker
