@@ -31,6 +31,7 @@ class _Formatter(logging.Formatter):
 
     def mask(self, secrets: tuple[str, ...]) -> None:
         # As written and as JSON escapes it, so a secret holding a quote or non-ASCII is masked too.
+        # Never pruned, on purpose: a rotated-out secret stays masked (two forms per secret per rotation).
         self._secrets = tuple({*self._secrets, *(form for s in secrets if s for form in (s, json.dumps(s)[1:-1]))})
 
     def format(self, record: logging.LogRecord) -> str:
