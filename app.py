@@ -5,8 +5,12 @@ Run it with `python app.py` (see server.py) or `python -m uvicorn app:app`.
 
 from __future__ import annotations
 
+import signal
+
+if __name__ == "__main__":  # first, before the imports below (~0.5 s): a SIGHUP while starting is ignored
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # server.main keeps it so until the reload takes it
+
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -277,18 +281,12 @@ def _json(payload: dict[str, Any], status: int = 200, headers: list[tuple[str, s
     return Response(errors.encode_json(payload), status, headers=dict(headers or ()), media_type=_JSON)
 
 
-@functools.cache
-def _app_from_environment() -> Starlette:
-    """`app:app` for `python -m uvicorn` and for each worker: settings and logging set up on first use."""
-    import server  # it imports this module, so not at the top
-
-    return create_app(server.configure_from_environment()[0], reload_on_hup=True)
-
-
 def __getattr__(name: str) -> Any:
     # PEP 562: importing this module does nothing but define; `app.app` is built when first asked for.
     if name == "app":
-        return _app_from_environment()
+        import server  # it imports this module, so not at the top
+
+        return server.app_from_environment()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -18,6 +20,7 @@ _ORIGIN = re.compile(r"(https?)://(\[[0-9a-f:.]+\]|[^/:\[\]]+)(?::([0-9]{1,5}))?
 _SHOWN_MAX = 24  # a longer value is described, not echoed: it may hold a secret pasted into the wrong variable
 # Each secret may come from a file instead (Docker secrets, systemd's LoadCredential=): <NAME>_FILE holds its path.
 SECRET_VARIABLES = ("GROQ_API_KEY", "SERVICE_API_KEYS", "REDIS_URL", "METRICS_TOKEN")
+SECRET_FILE_LIMIT = 64 * 1024  # a secret's file holds a few hundred bytes; more is a wrong path
 
 
 class SettingsError(ValueError):
@@ -39,14 +42,25 @@ def read_secret_files(environ: Mapping[str, str]) -> tuple[dict[str, str], dict[
         if environ.get(name, "").strip():
             raise SettingsError(f"Set {name} or {name}_FILE, not both")
         try:
-            with open(path, encoding="utf-8", newline="") as file:  # exactly as written: no \r\n made \n
-                resolved[name] = file.read().removesuffix("\n")
+            data = read_regular_file(path, SECRET_FILE_LIMIT + 1)
+            resolved[name] = data.decode("utf-8").removesuffix("\n")  # exactly as written: no \r\n made \n
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
             raise SettingsError(f"{name}_FILE: {path} cannot be read ({reason})") from None
+        if len(data) > SECRET_FILE_LIMIT:
+            raise SettingsError(f"{name}_FILE: {path} is too large (over {SECRET_FILE_LIMIT // 1024} KiB)")
         if not resolved[name]:
             raise SettingsError(f"{name}_FILE: {path} is empty")
     return resolved, files
+
+
+def read_regular_file(path: str, limit: int) -> bytes:
+    """At most `limit` bytes of a regular file; a FIFO, a device (/dev/zero) or a directory is refused unread."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # opening a FIFO would wait for a writer
+    with open(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(0, "not a regular file")
+        return file.read(limit)
 
 
 @dataclass(frozen=True, slots=True)

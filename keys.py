@@ -17,23 +17,29 @@ import tomllib
 from typing import Any
 
 from config import MODEL_PATTERN, ServiceKey, SettingsError
+from env_values import read_regular_file
 
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _DIGEST = re.compile(r"[0-9a-fA-F]{64}")
 _LIMITS = ("requests_per_minute", "tokens_per_minute", "tokens_per_day")
 _FIELDS = frozenset({"name", "sha256", "allowed_models", *_LIMITS})
+KEYS_FILE_LIMIT = 1024 * 1024  # 1,000 clients take about 150 KiB
 
 
 def load(path: str) -> tuple[ServiceKey, ...]:
     try:
-        with open(path, "rb") as file:
-            data = tomllib.load(file)
+        text = read_regular_file(path, KEYS_FILE_LIMIT + 1)
+        if len(text) > KEYS_FILE_LIMIT:
+            raise SettingsError(f"SERVICE_KEYS_FILE is too large (over {KEYS_FILE_LIMIT // 1024 // 1024} MiB)")
+        data = tomllib.loads(text.decode("utf-8"))
     except OSError as exc:
         raise SettingsError(f"SERVICE_KEYS_FILE cannot be read ({exc.strerror or exc.__class__.__name__})") from None
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"SERVICE_KEYS_FILE is not valid TOML ({exc})") from None
-    except UnicodeDecodeError as exc:  # tomllib decodes the whole file before parsing it
+    except UnicodeDecodeError as exc:
         raise SettingsError(f"SERVICE_KEYS_FILE is not UTF-8 text (byte {exc.start})") from None
+    except RecursionError:  # tomllib parses nested arrays and tables by recursion
+        raise SettingsError("SERVICE_KEYS_FILE is nested too deeply to parse") from None
     entries = data.get("keys")
     if set(data) != {"keys"} or not isinstance(entries, list) or not entries:
         raise SettingsError("SERVICE_KEYS_FILE must hold one or more [[keys]] tables and nothing else")

@@ -30,7 +30,8 @@ class _Formatter(logging.Formatter):
         self.mask(secrets)
 
     def mask(self, secrets: tuple[str, ...]) -> None:
-        """Mask these secrets too, in every form (_forms), longest first; those already masked stay masked."""
+        """Mask these secrets too, in every form (_forms), longest first; those already masked stay masked
+        (never pruned, on purpose: a rotated-out secret stays masked)."""
         forms = {*self._secrets, *_forms(secrets, as_json=self._as_json)}
         self._secrets = tuple(sorted(forms, key=len, reverse=True))
 

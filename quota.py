@@ -61,14 +61,15 @@ class Quota:
         limits = (settings.quota_requests_per_minute, settings.quota_tokens_per_minute, settings.quota_tokens_per_day)
         self._defaults = limits
         self._reserve = settings.quota_default_reserve
-        # By client entry, which a reload can change; the counts are by client name, which a reload keeps.
-        self._limits: dict[ServiceKey, Limits] = {}
+        # By client name, as the counts are: a reload that changes the entry replaces its limits, so one per name.
+        self._limits: dict[str, tuple[ServiceKey, Limits]] = {}
 
     def limits(self, client: ServiceKey) -> Limits:
-        if (limits := self._limits.get(client)) is None:
+        entry, limits = self._limits.get(client.name, (None, None))
+        if entry != client or limits is None:
             own = (client.requests_per_minute, client.tokens_per_minute, client.tokens_per_day)
             limits = Limits(*(mine or default or 0 for mine, default in zip(own, self._defaults, strict=True)))
-            self._limits[client] = limits
+            self._limits[client.name] = (client, limits)
         return limits
 
     def gate(self, app: ASGIApp) -> QuotaGate:

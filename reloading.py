@@ -37,9 +37,12 @@ class Reloader:
         return self
 
     async def aclose(self) -> None:
-        if self._service.reload_on_hup:
+        if self._service.reload_on_hup:  # shutting down: a reload would have nothing to apply to, so SIG_IGN;
+            # held back meanwhile, as removing the loop's handler sets SIG_DFL first (a SIGHUP would end the process)
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # shutting down: a reload would have nothing to apply to
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a SIGHUP that came meanwhile is dropped
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         for task in self._retiring:  # the requests they wait for have ended, or been ended, by now
             task.cancel()
         await asyncio.gather(*self._retiring, return_exceptions=True)
@@ -51,6 +54,9 @@ class Reloader:
             check_applicable(service.settings, settings, quota_on=service.quota is not None)
         except SettingsError as exc:
             logger.error("reload failed, the configuration in use stays: %s", exc)
+            return
+        except Exception as exc:  # not foreseen: its message may quote a secret, so the type alone, no traceback
+            logger.error("reload failed, the configuration in use stays: unexpected %s", exc.__class__.__name__)
             return
         old, new = service.upstream, None
         if old is not None and settings.groq_api_key != service.settings.groq_api_key:

@@ -7,10 +7,10 @@
 2. After a graceful shutdown on SIGTERM, uvicorn re-raises the signal to itself (exit 143); `_Server`
    exits 0 instead, and ignores a repeated SIGTERM while the interpreter winds down after the drain.
    SIGHUP reloads the keys and secrets' files (reloading.py, installed by the app's lifespan; with WORKERS > 1
-   the parent sends it on to each worker, workers.py). At SHUTDOWN_TIMEOUT (or at a second Ctrl-C) it ends
-   the requests still running with 503 shutting_down (shutdown.py) before uvicorn's own cancellation, a second
-   later, would; an answer its client is not taking is cut then by aborting the connection
-   (`framing.GuardedProtocol._abort`).
+   the parent sends it on to each worker, workers.py); until then, from app.py's first line, it is ignored.
+   At SHUTDOWN_TIMEOUT (or at a second Ctrl-C) it ends the requests still running with 503 shutting_down
+   (shutdown.py) before uvicorn's own cancellation, a second later, would; an answer its client is not taking
+   is cut then by aborting the connection (`framing.GuardedProtocol._abort`).
 """
 
 from __future__ import annotations
@@ -113,6 +113,12 @@ def configure_from_environment() -> tuple[Settings, dict[str, Any]]:
         raise SystemExit(logging_config.fatal_line(f"configuration error: {exc}", fmt=exc.log_format)) from None
     log_config = logging_config.configure(level=settings.log_level, fmt=settings.log_format, secrets=settings.secrets())
     return settings, log_config
+
+
+@functools.cache
+def app_from_environment() -> Any:
+    """`app:app` for `python -m uvicorn` and for each worker: settings and logging set up on first use."""
+    return create_app(configure_from_environment()[0], reload_on_hup=True)
 
 
 def main() -> None:

@@ -106,6 +106,7 @@ ENTRY = f'name = "a"\nsha256 = "{"ab" * 32}"\n'
             {},
             "SERVICE_KEYS_FILE is not valid TOML (Expected ']]' at the end of an array declaration (at line 1",
         ),
+        ("a = " + "[" * 5000 + "]" * 5000, {}, "SERVICE_KEYS_FILE is nested too deeply to parse"),
         ("", {}, "SERVICE_KEYS_FILE must hold one or more [[keys]] tables and nothing else"),
         (f"other = 1\n[[keys]]\n{ENTRY}", {}, "SERVICE_KEYS_FILE must hold one or more [[keys]] tables"),
         ("keys = [1]", {}, "SERVICE_KEYS_FILE keys[0] must be a table with name and sha256"),

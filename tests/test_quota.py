@@ -19,7 +19,7 @@ from conftest import ROOT, groq_env
 from fake_groq import Behaviour, FakeGroq
 
 import quota
-from config import SettingsError, load_settings
+from config import ServiceKey, SettingsError, load_settings
 
 PROMPT = {"prompt": "hi", "max_tokens": 100}
 RESET = re.compile(r"(\d+h)?(\d+m)?\d+(\.\d{1,2})?s")
@@ -336,3 +336,13 @@ def test_the_openai_sdk_raises_its_rate_limit_error(fake: FakeGroq, start_servic
     assert raised.value.code == "rate_limit_exceeded"
     assert raised.value.response.headers["retry-after"] == "60"
     client.close()
+
+
+def test_limits_are_kept_once_per_client_name_across_reloads() -> None:
+    """Each reload may hand a new entry under the same name: its limits replace the old ones, never pile up."""
+    limits = quota.build(load_settings({"QUOTA_TOKENS_PER_MINUTE": "100"}))
+    for rpm in range(1, 51):  # fifty reloads, each changing alpha's limit
+        entry = ServiceKey("alpha", bytes(32), requests_per_minute=rpm)
+        assert limits.limits(entry) == (rpm, 100, 0)
+    assert limits.limits(ServiceKey("beta", bytes(32))) == (0, 100, 0)
+    assert len(limits._limits) == 2  # one per name

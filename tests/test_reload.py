@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
+import logging
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,8 +26,9 @@ from conftest import Process, groq_env
 from fake_groq import API_KEY, Behaviour, FakeGroq
 from test_streaming import sse_events
 
+from app import create_app
 from config import ServiceKey, Settings, SettingsError
-from reloading import check_applicable
+from reloading import Reloader, check_applicable
 
 pytestmark = pytest.mark.slow
 HELD = "openai/gpt-oss-120b"  # the model whose streams the fake holds before their first word
@@ -95,8 +100,10 @@ def finished_text(response: httpx.Response) -> str:
 
 
 def statuses(client: httpx.Client, token: str, times: int = 4) -> set[int]:
-    """Several calls, so that with two workers both are very likely asked."""
-    return {client.post("/chat", json={"prompt": "hi"}, headers=auth(token)).status_code for _ in range(times)}
+    """Several calls, each on a new connection, so that with two workers both are very likely asked (a kept-alive
+    connection stays with the worker that accepted it)."""
+    headers = {**auth(token), "Connection": "close"}
+    return {client.post("/chat", json={"prompt": "hi"}, headers=headers).status_code for _ in range(times)}
 
 
 @pytest.fixture
@@ -141,10 +148,14 @@ BROKEN = [
     ),
     ("keys", f'[[keys]]\nname = "a b"\nsha256 = "{digest(ALPHA)}"\n', "SERVICE_KEYS_FILE keys[0].name must be"),
     ("keys", None, "SERVICE_KEYS_FILE cannot be read (No such file or directory)"),
+    ("keys", "a = " + "[" * 5000 + "]" * 5000, "SERVICE_KEYS_FILE is nested too deeply to parse"),
     ("keys", b'[[keys]]\nname = "\xff"\n', "SERVICE_KEYS_FILE is not UTF-8 text (byte 17)"),
     ("groq", "", "GROQ_API_KEY_FILE: {groq} is empty"),
     ("groq", "gsk with a space", "GROQ_API_KEY_FILE ({groq}) must be printable ASCII"),
     ("groq", None, "GROQ_API_KEY_FILE: {groq} cannot be read (No such file or directory)"),
+    ("groq", "fifo", "GROQ_API_KEY_FILE: {groq} cannot be read (not a regular file)"),
+    ("keys", "fifo", "SERVICE_KEYS_FILE cannot be read (not a regular file)"),
+    ("groq", "g" * 65537, "GROQ_API_KEY_FILE: {groq} is too large (over 64 KiB)"),
 ]
 
 
@@ -163,12 +174,16 @@ def test_a_broken_file_on_reload_changes_nothing(
         for which, text, message in BROKEN:
             if text is None:
                 files[which].unlink()
+            elif text == "fifo":  # a named pipe with no writer: a plain open would block the worker's loop
+                files[which].unlink()
+                os.mkfifo(files[which])
             else:
                 files[which].write_bytes(text if isinstance(text, bytes) else text.encode())
             errors = hup_and_wait(proc, workers, "ERROR")
             expected = "reload failed, the configuration in use stays: " + message.format(groq=files["groq"])
             assert all(line["msg"].startswith(expected) for line in errors), (expected, errors)
             assert statuses(client, ALPHA) == {200}  # the old key file and the old Groq key still serve
+            files[which].unlink(missing_ok=True)
             files[which].write_text(good[which])
     assert proc.stop() == 0
     assert len(reload_lines(proc, "ERROR")) == len(BROKEN) * workers  # one line per failed reload in each worker
@@ -261,13 +276,42 @@ def test_a_reload_while_the_workers_start_waits_for_them(fake: FakeGroq, start_p
         assert time.monotonic() < deadline, "\n".join(proc.lines)
         time.sleep(0.01)
     write_keys(keys, {"beta": BETA})
-    lines = hup_and_wait(proc, 2)  # sent while the workers are still starting: the parent waits for them
-    assert [line["clients"] for line in lines] == [["beta"], ["beta"]]
-    proc.wait_ready()
+    proc.send_signal(signal.SIGHUP)  # while the workers are still starting: the parent waits for each, up to 5 s
+
+    def skipped() -> list[str]:  # a worker slower than that (a loaded machine) is skipped, with a warning
+        return [line for line in proc.lines if "is not serving, not reloaded; send SIGHUP again" in line]
+
+    deadline = time.monotonic() + 60
+    while len(reload_lines(proc, "INFO")) + len(skipped()) < 2:  # each worker: reloaded, or skipped and named
+        assert time.monotonic() < deadline, "\n".join(proc.lines)
+        assert proc.proc.poll() is None, "\n".join(proc.lines)
+        time.sleep(0.02)
+    started(proc, 2)
+    if skipped():  # as the warning says: once it serves, SIGHUP again
+        hup_and_wait(proc, 2)
+    assert {tuple(line["clients"]) for line in reload_lines(proc, "INFO")} == {("beta",)}
     with httpx.Client(base_url=proc.url, timeout=30) as client:
         assert statuses(client, BETA) == {200} and statuses(client, ALPHA) == {401}
     assert proc.stop() == 0
-    assert not [line for line in proc.json_lines() if line["level"] in ("WARNING", "ERROR")]
+    problems = [line for line in proc.json_lines() if line["level"] in ("WARNING", "ERROR")]
+    assert all("not reloaded; send SIGHUP again" in line["msg"] for line in problems), problems
+
+
+def test_a_sighup_during_the_start_up_imports_is_ignored(fake: FakeGroq, start_process: Any) -> None:
+    """`-X importtime` writes a line to stderr as each import ends: SIGHUP once Starlette is imported, well before
+    server.main() runs (without app.py's first lines, the signal's default action would end the process)."""
+    command = [sys.executable, "-X", "importtime", "app.py"]
+    proc = start_process(groq_env(fake), command, wait=False)
+    deadline = time.monotonic() + 30
+    while not any(line.split("|")[-1].strip() == "starlette.applications" for line in proc.lines.copy()):
+        assert time.monotonic() < deadline, "\n".join(proc.lines)
+        time.sleep(0.005)
+    assert not any("Application startup" in line for line in proc.lines)  # still importing
+    proc.send_signal(signal.SIGHUP)
+    proc.wait_ready()  # asserts that it did not exit
+    assert httpx.post(proc.url + "/chat", json={"prompt": "hi"}, timeout=30).status_code == 200
+    assert proc.stop() == 0
+    assert not reload_lines(proc, "INFO")  # ignored, not applied: the next SIGHUP reloads
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -309,6 +353,27 @@ def test_what_a_reload_cannot_change_is_refused(fake: FakeGroq, start_process: A
     assert proc.stop() == 0
 
 
+class Unforeseen(dict[str, str]):
+    """Start-up variables whose reading fails in a way no check foresees, with a secret in the message."""
+
+    def get(self, key: str, default: Any = None) -> Any:
+        raise RuntimeError(f"failed near {ALPHA}")
+
+
+def test_an_unforeseen_failure_on_reload_is_one_line_and_changes_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    settings = Settings(service_api_keys=(ALPHA,), environ=Unforeseen())
+    service = create_app(settings, reload_on_hup=False).state.service
+    with caplog.at_level(logging.INFO, logger="service"):
+        Reloader(service).reload()
+    [record] = caplog.records
+    assert (record.levelname, record.getMessage(), record.exc_info) == (
+        "ERROR",
+        "reload failed, the configuration in use stays: unexpected RuntimeError",
+        None,
+    )
+    assert service.settings is settings and ALPHA not in caplog.text
+
+
 KEY = ServiceKey("alpha", bytes(32))
 
 
@@ -331,3 +396,42 @@ def test_what_a_running_process_cannot_change(
     else:
         with pytest.raises(SettingsError, match=refusal):
             check_applicable(old, new, quota_on=quota_on)
+
+
+def test_the_uvicorn_internals_workers_py_uses_are_there() -> None:
+    """workers.py leans on uvicorn's supervisor internals (listed in its docstring): each, on the pinned uvicorn."""
+    import uvicorn
+    from uvicorn.supervisors import multiprocess
+
+    from workers import Workers
+
+    class Recording(Workers):
+        def handle_hup(self) -> None:
+            self.hup_handled = True
+
+    config = uvicorn.Config("app:app", workers=2)
+    signals = {*getattr(multiprocess, "SIGNALS", {}), signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    saved = {sig: signal.getsignal(sig) for sig in signals}
+    try:
+        supervisor = Recording(config, sockets=[])  # sets signal handlers (restored below); starts nothing
+        supervisor.signal_queue.append(signal.SIGHUP)
+        supervisor.handle_signals()
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    wait = getattr(multiprocess.Process, "wait_until_ready", None)
+    checks = {
+        "Multiprocess.processes (a list)": isinstance(getattr(supervisor, "processes", None), list),
+        "Multiprocess.should_exit (a threading.Event)": isinstance(
+            getattr(supervisor, "should_exit", None), threading.Event
+        ),
+        "Multiprocess.handle_signals calling handle_hup": getattr(supervisor, "hup_handled", False),
+        "Process.pid (a property)": isinstance(getattr(multiprocess.Process, "pid", None), property),
+        "Process.wait_until_ready(timeout, should_exit)": wait is not None
+        and list(inspect.signature(wait).parameters)[1:3] == ["timeout", "should_exit"],
+        "Config.timeout_worker_healthcheck (seconds)": isinstance(
+            getattr(config, "timeout_worker_healthcheck", None), int
+        ),
+    }
+    missing = [name for name, present in checks.items() if not present]
+    assert not missing, f"uvicorn {uvicorn.__version__} lacks what workers.py uses: {'; '.join(missing)}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,8 @@ def _write(tmp_path: Path, content: str | bytes | None) -> str:
     return str(path)
 
 
-# (environment; what the file holds: None for no file, "dir" for a directory; the message after "configuration error: ")
+# (environment; what the file holds: None for no file, "dir" for a directory, "fifo" for a named pipe with no
+# writer, which would block a plain open; the message after "configuration error: ")
 STARTUP_ERRORS = [
     ({"GROQ_API_KEY": "gsk_x", "GROQ_API_KEY_FILE": "{path}"}, "k", "Set GROQ_API_KEY or GROQ_API_KEY_FILE, not both"),
     (
@@ -60,6 +62,12 @@ STARTUP_ERRORS = [
     ({"REDIS_URL": "redis://h:1/0", "REDIS_URL_FILE": "{path}"}, "redis://h:1/0", "Set REDIS_URL or REDIS_URL_FILE"),
     ({"GROQ_API_KEY_FILE": "{path}"}, None, "GROQ_API_KEY_FILE: {path} cannot be read (No such file or directory)"),
     ({"GROQ_API_KEY_FILE": "{path}"}, "dir", "GROQ_API_KEY_FILE: {path} cannot be read (Is a directory)"),
+    ({"GROQ_API_KEY_FILE": "{path}"}, "fifo", "GROQ_API_KEY_FILE: {path} cannot be read (not a regular file)"),
+    ({"GROQ_API_KEY_FILE": "/dev/zero"}, None, "GROQ_API_KEY_FILE: /dev/zero cannot be read (not a regular file)"),
+    ({"SERVICE_KEYS_FILE": "{path}"}, "fifo", "SERVICE_KEYS_FILE cannot be read (not a regular file)"),
+    ({"SERVICE_KEYS_FILE": "/dev/zero"}, None, "SERVICE_KEYS_FILE cannot be read (not a regular file)"),
+    ({"GROQ_API_KEY_FILE": "{path}"}, "g" * 65537, "GROQ_API_KEY_FILE: {path} is too large (over 64 KiB)"),
+    ({"SERVICE_KEYS_FILE": "{path}"}, "#" * (1 << 20) + "\n", "SERVICE_KEYS_FILE is too large (over 1 MiB)"),
     ({"GROQ_API_KEY_FILE": "{path}"}, b"\xff" + SECRET_TEXT.encode(), "GROQ_API_KEY_FILE: {path} cannot be read (not"),
     ({"GROQ_API_KEY_FILE": "{path}"}, "", "GROQ_API_KEY_FILE: {path} is empty"),
     ({"SERVICE_API_KEYS_FILE": "{path}"}, "\n", "SERVICE_API_KEYS_FILE: {path} is empty"),
@@ -93,6 +101,9 @@ def test_every_start_up_error_names_the_variable_or_path(
 ) -> None:
     if content == "dir":
         path = str(tmp_path)
+    elif content == "fifo":
+        path = str(tmp_path / "pipe")
+        os.mkfifo(path)
     else:
         path = _write(tmp_path, content) if content is not None else str(tmp_path / "missing")
     proc = start_process({k: v.replace("{path}", path) for k, v in env.items()}, wait=False)
