@@ -135,7 +135,7 @@ def test_the_image_with_all_three_extras_serves_metrics_and_a_quota_in_redis(
     metrics = httpx.get(container.url + "/metrics", headers={"Authorization": f"Bearer {scraper}"}, timeout=10)
     assert metrics.status_code == 200
     assert re.search(r'^groq_proxy_refused_total\{reason="quota_exceeded"\} 1\.0$', metrics.text, re.M), metrics.text
-    modules = "import sys, uvloop, httptools, redis, prometheus_client; print(sys.version.split()[0])"
+    modules = "import sys, aiohttp, httpx_aiohttp, httptools, redis, prometheus_client; print(sys.version.split()[0])"
     assert container.docker.run("exec", container.name, "python", "-c", modules).stdout.strip() == "3.11.2"
 
 
