@@ -71,7 +71,8 @@ class Authorize:
         refusal = None
         if scope["type"] == "http":
             refusal = self._misdirected(scope)
-            if refusal is None and self._metrics and scope["path"] == METRICS_PATH:
+            # Starlette routes "/metrics\n" (a client's %0A) to /metrics too: its route pattern ends in `$`
+            if refusal is None and self._metrics and scope["path"].removesuffix("\n") == METRICS_PATH:
                 refusal = self._scraper_refusal(scope)
             elif refusal is None and self._keyring.metrics and self._bearer_is(scope, self._keyring.metrics):
                 refusal = Unauthorized("METRICS_TOKEN opens /metrics only.", headers={"WWW-Authenticate": "Bearer"})

@@ -21,6 +21,16 @@ PROMPT = {"prompt": "Say hello"}
 MESSAGES = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
 
 
+@pytest.mark.parametrize("path", ["/metrics%0A", "/metrics%0a"])
+def test_a_client_token_cannot_read_metrics_through_an_encoded_newline(
+    fake: FakeGroq, start_service: Any, path: str
+) -> None:
+    """uvicorn decodes %0A to a newline, and Starlette's `^/metrics$` matches "/metrics\\n" too."""
+    service: Service = start_service(groq_env(fake, **WITH_TOKEN))
+    assert_error(service.client.get(path, headers=AUTH), 401, "unauthorized")
+    assert service.client.get(path, headers=SCRAPER).status_code == 200
+
+
 @pytest.mark.parametrize(
     ("headers", "status"),
     [
