@@ -13,7 +13,7 @@ import re
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from config import ServiceKey, Settings
-from errors import InvalidRequest, ServiceError, Unauthorized
+from errors import InvalidRequest, NotFound, ServiceError, Unauthorized
 from middleware import CLIENT, LOCAL, LOG_FIELDS, error_response
 
 OPEN_PATHS = frozenset({"/", "/healthz", "/readyz"})
@@ -25,6 +25,7 @@ LOOPBACK_ONLY = (
 _FORWARDING = frozenset({b"x-forwarded-for", b"x-real-ip", b"forwarded"})  # sent by proxies, never by a local client
 _HOST = re.compile(r"(\[[^\]]*\]|[^:\[\]]+)(?::[0-9]*)?")
 _ORIGIN = re.compile(r"https?://(.+)")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # in a decoded path: never one of ours
 
 
 class Keyring:
@@ -71,8 +72,11 @@ class Authorize:
         refusal = None
         if scope["type"] == "http":
             refusal = self._misdirected(scope)
-            # Starlette routes "/metrics\n" (a client's %0A) to /metrics too: its route pattern ends in `$`
-            if refusal is None and self._metrics and scope["path"].removesuffix("\n") == METRICS_PATH:
+            if refusal is None and _CONTROL.search(scope["path"]):
+                # uvicorn decodes %0A, and Starlette's route patterns end in `$`, which matches before a final
+                # newline: "/chat\n" would reach /chat past every rule that compares the path exactly.
+                refusal = NotFound("No route matches this path: it holds a control character.")
+            elif refusal is None and self._metrics and scope["path"] == METRICS_PATH:
                 refusal = self._scraper_refusal(scope)
             elif refusal is None and self._keyring.metrics and self._bearer_is(scope, self._keyring.metrics):
                 refusal = Unauthorized("METRICS_TOKEN opens /metrics only.", headers={"WWW-Authenticate": "Bearer"})

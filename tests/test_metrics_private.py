@@ -21,14 +21,16 @@ PROMPT = {"prompt": "Say hello"}
 MESSAGES = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
 
 
-@pytest.mark.parametrize("path", ["/metrics%0A", "/metrics%0a"])
-def test_a_client_token_cannot_read_metrics_through_an_encoded_newline(
-    fake: FakeGroq, start_service: Any, path: str
-) -> None:
-    """uvicorn decodes %0A to a newline, and Starlette's `^/metrics$` matches "/metrics\\n" too."""
-    service: Service = start_service(groq_env(fake, **WITH_TOKEN))
-    assert_error(service.client.get(path, headers=AUTH), 401, "unauthorized")
-    assert service.client.get(path, headers=SCRAPER).status_code == 200
+@pytest.mark.parametrize("path", ["/metrics%0A", "/metrics%0a", "/metrics%00", "/chat%0A"])
+def test_a_path_with_an_encoded_control_character_is_no_route(fake: FakeGroq, start_service: Any, path: str) -> None:
+    """uvicorn decodes %0A to a newline, and Starlette's `^/metrics$` matches "/metrics\\n" too: a client token read
+    every client's usage there, and "/chat\\n" reached /chat past the quota, which compares paths exactly."""
+    service: Service = start_service(groq_env(fake, QUOTA_REQUESTS_PER_MINUTE="1", **WITH_TOKEN))
+    for headers in (AUTH, SCRAPER):
+        assert_error(
+            service.client.request("POST" if "chat" in path else "GET", path, headers=headers), 404, "not_found"
+        )
+    assert fake.received == []  # nothing reached Groq
 
 
 @pytest.mark.parametrize(
