@@ -371,12 +371,7 @@ def metrics_cost(python: str, fake_url: str, seconds: float, wrk: bool) -> dict[
         row = {"metrics_rss_idle_mb": rss_mb(services[1][0].pid)}
         for _, url in services:
             load(url, "/chat", CHAT, 1, 1.0, wrk=False)  # warm-up
-        cpu, answered = [0.0, 0.0], [0, 0]
-        for _ in range(6):
-            for i, (proc, url) in enumerate(services):
-                before = cpu_seconds(proc.pid)
-                answered[i] += int(load(url, "/chat", CHAT, 1, seconds / 5, wrk=wrk)["ok"])
-                cpu[i] += cpu_seconds(proc.pid) - before
+        cpu, answered = in_turns(services, seconds, wrk)
     finally:
         os.environ.pop("METRICS", None)
         for proc, _ in services:
@@ -387,6 +382,18 @@ def metrics_cost(python: str, fake_url: str, seconds: float, wrk: bool) -> dict[
     return row
 
 
+def in_turns(services: list[tuple[Any, str]], seconds: float, wrk: bool) -> tuple[list[float], list[int]]:
+    """CPU seconds and answered /chat (c=1) of each service, loaded one after the other six times over, so the
+    drift of a shared machine hits them alike."""
+    cpu, answered = [0.0] * len(services), [0] * len(services)
+    for _ in range(6):
+        for i, (proc, url) in enumerate(services):
+            before = cpu_seconds(proc.pid)
+            answered[i] += int(load(url, "/chat", CHAT, 1, seconds / 5, wrk=wrk)["ok"])
+            cpu[i] += cpu_seconds(proc.pid) - before
+    return cpu, answered
+
+
 FALLBACK = {"FALLBACK_MODELS": "openai/gpt-oss-20b>openai/gpt-oss-120b"}  # the benchmark's model has a fallback
 
 
@@ -394,15 +401,10 @@ def fallback_cost(python: str, fake_url: str, seconds: float, wrk: bool) -> dict
     """CPU per /chat (c=1) with FALLBACK_MODELS giving the asked-for model a fallback that is never taken (the fake
     always answers), as a ratio to the same service without it; both run at once and are loaded in turns."""
     services = [start_with(python, fake_url, env) for env in ({}, FALLBACK)]
-    cpu, answered = [0.0, 0.0], [0, 0]
     try:
         for _, url in services:
             load(url, "/chat", CHAT, 1, 0.5, wrk=wrk)  # warm-up
-        for _ in range(6):
-            for i, (proc, url) in enumerate(services):
-                before = cpu_seconds(proc.pid)
-                answered[i] += int(load(url, "/chat", CHAT, 1, seconds / 5, wrk=wrk)["ok"])
-                cpu[i] += cpu_seconds(proc.pid) - before
+        cpu, answered = in_turns(services, seconds, wrk)
     finally:
         for proc, _ in services:
             proc.terminate()
