@@ -128,7 +128,7 @@ class Service:
         else:
             logger.warning("GROQ_API_KEY is not set: the service starts, but /chat answers 503 not_configured")
         if not self.settings.service_api_keys and not self.settings.service_keys:
-            logger.warning("SERVICE_API_KEYS is not set: /chat answers loopback clients only")
+            logger.warning("SERVICE_API_KEYS is not set: only /, /healthz and /readyz answer non-loopback clients")
         if self.settings.redis_url and self.quota is None:
             logger.warning("REDIS_URL is set but no quota is; Redis is not used")
         reloader = reloading.Reloader(self).install()

@@ -187,9 +187,9 @@ def test_systemd_analyze_security_rates_the_unit_below_the_threshold(tmp_path: P
     score = re.search(r"Overall exposure level for groq-proxy\.service: (\d+\.\d+)", result.stdout)
     assert score, result.stdout
     assert float(score.group(1)) <= SECURITY_THRESHOLD
-    stated = re.search(r'rates an exposure of (\d+\.\d+) \("OK"\)', (ROOT / "README.md").read_text())
-    assert stated, "README.md states the unit's score"
-    assert stated.group(1) == score.group(1), "README.md states the score systemd-analyze prints"
+    stated = re.search(r'rates an exposure of (\d+\.\d+) \("OK"\)', (ROOT / "docs" / "deployment.md").read_text())
+    assert stated, "docs/deployment.md states the unit's score"
+    assert stated.group(1) == score.group(1), "docs/deployment.md states the score systemd-analyze prints"
 
 
 def test_nginx_is_sse_safe_and_retries_only_what_never_reached_a_replica() -> None:

@@ -101,7 +101,7 @@ def test_without_tokens_only_loopback_peers_may_call(fake: FakeGroq, start_servi
         assert service.client.post("/chat", json=PROMPT, headers={"x-forwarded-for": loopback}).status_code == 401
     assert [line["client"].split(":")[0] for line in service.access_lines(5)][:1] == ["203.0.113.9"]
     assert [w["msg"] for w in service.log_lines() if "SERVICE_API_KEYS" in w["msg"]] == [
-        "SERVICE_API_KEYS is not set: /chat answers loopback clients only"
+        "SERVICE_API_KEYS is not set: only /, /healthz and /readyz answer non-loopback clients"
     ]
 
 

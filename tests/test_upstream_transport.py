@@ -152,7 +152,7 @@ def test_python_app_py_shuts_down_cleanly_after_calls_and_streams(fake: FakeGroq
         assert response.status_code == 200
     assert proc.stop(signal.SIGTERM) == 0
     not_info = [line["msg"] for line in proc.json_lines() if line["level"] != "INFO"]
-    assert not_info == ["SERVICE_API_KEYS is not set: /chat answers loopback clients only"]
+    assert not_info == ["SERVICE_API_KEYS is not set: only /, /healthz and /readyz answer non-loopback clients"]
     assert "nclosed" not in "\n".join(proc.lines)
 
 
