@@ -48,7 +48,7 @@ EXEMPT = {
     "sudo ": "root on a systemd host; tests/test_container.py installs as shown, tests/test_deploy_files.py verifies",
     "sudoedit ": "an editor on a systemd host; tests/test_container.py writes the same files",
     "deploy/secrets": "the compose recipe's Docker secrets; tests/test_compose.py writes them as shown",
-    "deploy/groq-proxy.env": "the compose recipe's settings file; tests/test_compose.py",
+    "groq-proxy.env": "writes a file holding a secret into the checkout; tests/test_container.py, test_compose.py",
     "bash scripts/wheelhouse.sh": "downloads every lock's wheels from PyPI; tests/test_container.py runs it",
 }
 
