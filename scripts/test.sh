@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite from a fresh checkout: Debian's packages the tests run, a venv from the hash-pinned files,
 # then lint, types, the size budget and the tests with the branch-coverage gate. Extra arguments go to pytest.
-# Run as root on Debian 12: the container tests use Docker (README.md, "Development").
+# Run as root on Debian 12: the container tests use Docker (docs/development.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # dockerd, debootstrap and nginx are in the sbin folders, which root's PATH lacks after `su` without `-`.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fills wheels/ with every file the runtime locks pin, so `docker build --build-arg OFFLINE=true` needs no
-# network (README.md, "Container"; the container tests build that way). The files come from the index with
+# network (docs/deployment.md, "Container"; the container tests build that way). The files come from the index with
 # `pip download --require-hashes --no-deps`, each checked against its lock's hashes, for the image's Python and
 # platform whatever the host's: CPython 3.11 on x86-64 Linux (the manylinux tags up to glibc 2.28; Debian 12 has
 # 2.36). Markers that test only the Python version are dropped first, since the host's pip evaluates them with

@@ -50,6 +50,7 @@ EXEMPT = {
     "deploy/secrets": "the compose recipe's Docker secrets; tests/test_compose.py writes them as shown",
     "groq-proxy.env": "writes a file holding a secret into the checkout; tests/test_container.py, test_compose.py",
     "bash scripts/wheelhouse.sh": "downloads every lock's wheels from PyPI; tests/test_container.py runs it",
+    "Bearer tok_ops_2026_4f1c9a7e": "calls the container of the `docker run` above it; tests/test_container.py",
 }
 
 
@@ -285,7 +286,7 @@ def test_every_command_in_the_docs_runs_as_shown(doc: Path, session: Session) ->
     assert ran or doc.name in ("development.md", "logging.md", "architecture.md", "internals.md"), f"{doc}: nothing"
 
 
-def test_every_exemption_names_a_documented_command(fake: FakeGroq, tmp_path: Path) -> None:
+def test_every_exemption_names_a_documented_command() -> None:
     """A stale exemption would hide a command added later under the same words."""
     used: set[str] = set()
     for doc in DOCS:
