@@ -31,7 +31,7 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class ServiceKey:
-    """A client (SERVICE_KEYS_FILE, keys.py): its name in logs and quotas, its token's SHA-256, and its own limits (None: the defaults)."""
+    """A client of SERVICE_KEYS_FILE (keys.py): its name in logs and quotas, its token's SHA-256, its own limits."""
 
     name: str
     sha256: bytes = field(repr=False)

@@ -39,6 +39,7 @@ FEATURE_MODULES = {  # what each optional feature adds, imported only when it is
     "FALLBACK_MODELS": ["fallback"],
     "WORKERS > 1": ["workers"],
     "UPSTREAM_TRANSPORT=aiohttp (the fast extra)": ["upstream_aiohttp"],
+    "the script API (never imported by the app)": ["chat_api"],
 }
 # History: 1,000 for the first contract; 1,650 after streaming, hardening and the SDK routes; 1,665 for the CORS
 # envelope; 1,700 for splitting groq_wire.py and sdk_validation.py off modules at the 300-line limit. Then the
