@@ -46,8 +46,9 @@ async def read_json(request: Request, *, limit: int, timeout: float) -> dict[str
                         break
                     chunks.append(chunk)
         except TimeoutError:
-            message = "The body did not arrive within CLIENT_TIMEOUT seconds; send it promptly."
-            raise errors.RequestTimeout(message) from None
+            raise errors.RequestTimeout(
+                "The body did not arrive within CLIENT_TIMEOUT seconds; send it promptly."
+            ) from None
     if size > limit:
         raise errors.PayloadTooLarge(f"The body must be at most {limit} bytes (MAX_BODY_BYTES).")
     request.scope[BODY_BYTES] = size

@@ -145,7 +145,9 @@ def _masked(message: str, environ: Mapping[str, str]) -> str:
     for secret in sorted(secrets | quoted | once | {json.dumps(s)[1:-1] for s in once}, key=len, reverse=True):
         if len(secret) < 4:  # a fragment that short would mask ordinary words; such tokens are refused anyway
             continue
-        lower, kept, start = message.translate(_LOWER), [], 0  # ASCII-only lowering keeps every index
+        lower = message.translate(_LOWER)  # ASCII-only lowering keeps every index
+        kept: list[str] = []
+        start = 0
         while start < len(message):
             end = start
             while end < len(message) and lower[start : end + 1] in secret:

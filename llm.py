@@ -148,7 +148,8 @@ class Upstream:
                     rate_limits += groq_wire.rate_limits(response.headers)
                 try:
                     reads = response.aiter_bytes()
-                    pending, done = b"", False
+                    pending = b""
+                    done = False
                     while True:  # read to the end even after [DONE], so the connection goes back to the pool
                         async with asyncio.timeout_at(deadline):
                             data = await anext(reads, None)
@@ -179,7 +180,10 @@ class Upstream:
         first chunk is only its role), so a stream can start while the model is still thinking.
         """
         final: dict[str, Any] = {}
-        finish_reason, first, shows_reasoning, named = None, True, _shows_reasoning(body), None
+        finish_reason = None
+        first = True
+        shows_reasoning = _shows_reasoning(body)
+        named = None
         body = {**body, "stream_options": _INCLUDE_USAGE}
         async with contextlib.aclosing(self.stream_events(body, chain, rate_limits)) as stream:
             async for events in stream:
