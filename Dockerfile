@@ -61,9 +61,11 @@ RUN groupadd --system --gid 10001 groq-proxy \
     && useradd --system --uid 10001 --gid groq-proxy --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin groq-proxy
 
-# The service's modules only (.dockerignore admits nothing else), compiled now: the filesystem is read-only later.
+# The service's modules and the quota's Lua scripts only (.dockerignore admits nothing else), compiled now: the
+# filesystem is read-only later.
 WORKDIR /app
 COPY *.py ./
+COPY quota_lua/ ./quota_lua/
 RUN python -m compileall -q /app
 
 USER 10001:10001

@@ -284,13 +284,13 @@ def _json(payload: dict[str, Any], status: int = 200, headers: list[tuple[str, s
 def __getattr__(name: str) -> Any:
     # PEP 562: importing this module does nothing but define; `app.app` is built when first asked for.
     if name == "app":
-        import server  # it imports this module, so not at the top
+        import server  # the process's start-up (settings, logging), only when an app is asked for
 
-        return server.app_from_environment()
+        return server.app_from_environment(create_app)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":
     import server
 
-    server.main()
+    server.main(create_app)

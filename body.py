@@ -17,11 +17,11 @@ from typing import Any
 from starlette.requests import Request
 
 import errors
-from validation import MAX_JSON_DEPTH
 
 BODY_BYTES = "service.body_bytes"  # scope key: the body's size as it arrived, the quota's prompt estimate
 _JSON = "application/json"
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,20}")  # as h11 reads it; httptools allows up to 2**64
+MAX_JSON_DEPTH = 64  # levels of objects and lists in a free-form JSON value (tool parameters; validation.py)
 _PARSE_DEPTH = 10_000  # the recursion limit for a body too deep for the default one (see `_loads`)
 _MMAP_BYTES = 512 * 1024  # M_MMAP_THRESHOLD as `return_freed_memory` sets it; also the body size that trims
 _libc: ctypes.CDLL | None = None  # glibc, once `return_freed_memory` has set its thresholds
@@ -46,8 +46,9 @@ async def read_json(request: Request, *, limit: int, timeout: float) -> dict[str
                         break
                     chunks.append(chunk)
         except TimeoutError:
-            message = "The body did not arrive within CLIENT_TIMEOUT seconds; send it promptly."
-            raise errors.RequestTimeout(message) from None
+            raise errors.RequestTimeout(
+                "The body did not arrive within CLIENT_TIMEOUT seconds; send it promptly."
+            ) from None
     if size > limit:
         raise errors.PayloadTooLarge(f"The body must be at most {limit} bytes (MAX_BODY_BYTES).")
     request.scope[BODY_BYTES] = size

@@ -20,6 +20,7 @@ from env_values import (
     LOG_LEVELS,
     MODEL_PATTERN,
     Reader,
+    ServiceKey,
     SettingsError,
     check_host_pattern,
     check_model,
@@ -30,18 +31,6 @@ from env_values import (
 
 __all__ = ["MODEL_PATTERN", "ServiceKey", "Settings", "SettingsError", "load_settings"]
 _LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
-
-
-@dataclass(frozen=True, slots=True)
-class ServiceKey:
-    """A client: its name in logs and quotas, its token's SHA-256, and its own limits (None: the defaults)."""
-
-    name: str
-    sha256: bytes = field(repr=False)
-    requests_per_minute: int | None = None
-    tokens_per_minute: int | None = None
-    tokens_per_day: int | None = None
-    allowed_models: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +145,9 @@ def _masked(message: str, environ: Mapping[str, str]) -> str:
     for secret in sorted(secrets | quoted | once | {json.dumps(s)[1:-1] for s in once}, key=len, reverse=True):
         if len(secret) < 4:  # a fragment that short would mask ordinary words; such tokens are refused anyway
             continue
-        lower, kept, start = message.translate(_LOWER), [], 0  # ASCII-only lowering keeps every index
+        lower = message.translate(_LOWER)  # ASCII-only lowering keeps every index
+        kept: list[str] = []
+        start = 0
         while start < len(message):
             end = start
             while end < len(message) and lower[start : end + 1] in secret:

@@ -29,6 +29,18 @@ class SettingsError(ValueError):
     log_format = "json"  # how to report it: the LOG_FORMAT that was asked for, if that much was valid
 
 
+@dataclass(frozen=True, slots=True)
+class ServiceKey:
+    """A client of SERVICE_KEYS_FILE (keys.py): its name in logs and quotas, its token's SHA-256, its own limits."""
+
+    name: str
+    sha256: bytes = field(repr=False)
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    tokens_per_day: int | None = None
+    allowed_models: tuple[str, ...] = ()
+
+
 def read_secret_files(environ: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     """The environment with each secret set by <NAME>_FILE read from its file, and {name: path} of those read.
 

@@ -16,8 +16,7 @@ import re
 import tomllib
 from typing import Any
 
-from config import MODEL_PATTERN, ServiceKey, SettingsError
-from env_values import read_regular_file
+from env_values import MODEL_PATTERN, ServiceKey, SettingsError, read_regular_file
 
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _DIGEST = re.compile(r"[0-9a-fA-F]{64}")

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-from collections.abc import AsyncGenerator, Awaitable, Iterator
+from collections.abc import AsyncGenerator, Awaitable
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote
 
@@ -22,9 +22,8 @@ import httpx
 import errors
 import groq_wire
 import upstream_clients
-from config import Settings, load_settings
+from config import Settings
 from groq_wire import ChatResult, Delta
-from validation import parse_chat
 
 if TYPE_CHECKING:
     from fallback import Chain
@@ -33,7 +32,6 @@ CHAT_PATH = "/openai/v1/chat/completions"
 MODELS_PATH = "/openai/v1/models"
 _INCLUDE_USAGE = {"include_usage": True}
 _MAX_EVENT_BYTES = 4 * 1024 * 1024  # one SSE event; a stream never needs to buffer more
-Messages = list[dict[str, str]]
 RateLimits = list[tuple[str, str]] | None  # a list to add Groq's x-ratelimit-* headers to, or None: not wanted
 
 
@@ -150,7 +148,8 @@ class Upstream:
                     rate_limits += groq_wire.rate_limits(response.headers)
                 try:
                     reads = response.aiter_bytes()
-                    pending, done = b"", False
+                    pending = b""
+                    done = False
                     while True:  # read to the end even after [DONE], so the connection goes back to the pool
                         async with asyncio.timeout_at(deadline):
                             data = await anext(reads, None)
@@ -181,7 +180,10 @@ class Upstream:
         first chunk is only its role), so a stream can start while the model is still thinking.
         """
         final: dict[str, Any] = {}
-        finish_reason, first, shows_reasoning, named = None, True, _shows_reasoning(body), None
+        finish_reason = None
+        first = True
+        shows_reasoning = _shows_reasoning(body)
+        named = None
         body = {**body, "stream_options": _INCLUDE_USAGE}
         async with contextlib.aclosing(self.stream_events(body, chain, rate_limits)) as stream:
             async for events in stream:
@@ -208,38 +210,3 @@ class Upstream:
 def _shows_reasoning(body: dict[str, Any]) -> bool:
     """Whether the client asked to see reasoning; gpt-oss sends it unasked, and unasked it would change the answer."""
     return body.get("include_reasoning") is True or body.get("reasoning_format") == "parsed"
-
-
-def chat_completion(messages: Messages, model: str | None = None, **params: Any) -> ChatResult:
-    """For scripts: blocking, config from env/`.env`; the app's code on a private loop, so not inside a running one."""
-
-    async def run() -> ChatResult:
-        upstream, body = _script_call(messages, model, params)
-        try:
-            return await upstream.chat(body)
-        finally:
-            await upstream.aclose()
-
-    return asyncio.run(run())
-
-
-def stream_chat_completion(messages: Messages, model: str | None = None, **params: Any) -> Iterator[str | ChatResult]:
-    """Blocking stream for scripts: text deltas as they arrive (not the reasoning), then the final ChatResult."""
-    upstream, body = _script_call(messages, model, params)
-    loop = asyncio.new_event_loop()
-    pieces = upstream.chat_stream(body)
-    try:
-        while (piece := loop.run_until_complete(anext(pieces, None))) is not None:
-            yield from (text for kind, text in piece if kind == "content") if isinstance(piece, list) else [piece]
-    finally:
-        loop.run_until_complete(pieces.aclose())
-        loop.run_until_complete(upstream.aclose())
-        loop.close()
-
-
-def _script_call(messages: Messages, model: str | None, params: dict[str, Any]) -> tuple[Upstream, dict[str, Any]]:
-    settings = load_settings()
-    body: dict[str, Any] = {"messages": messages, **params, **({"model": model} if model is not None else {})}
-    request = parse_chat(body, allowed_models=settings.allowed_models)
-    model = request.model or settings.groq_model
-    return Upstream(settings), {"messages": request.messages, "model": model, **request.params}

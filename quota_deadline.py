@@ -29,7 +29,8 @@ class Deadline:
 
     def __init__(self, seconds: float, backstop: float) -> None:
         """`backstop`: when to start anyway, should the pool's hook not run (past the pool's own wait for one)."""
-        self._step, self._steps = seconds / _STEPS, _STEPS
+        self._step = seconds / _STEPS
+        self._steps = _STEPS
         self._task = cast("asyncio.Task[Any]", asyncio.current_task())  # Redis is only called from tasks
         self._timer: asyncio.Handle = asyncio.get_running_loop().call_later(backstop, self.start)
         self.started = self.expired = False

@@ -1,8 +1,8 @@
 """The quota counts in this process: for one worker (config refuses WORKERS > 1 without REDIS_URL).
 
-The same arithmetic as quota_redis.py's Lua scripts: GCRA for requests, tokens booked in 1/60 slices of the
-rolling minute, and one count per UTC day. The minute windows run on the monotonic clock, so a step of the wall
-clock cannot lock a client out or free it; the day follows the UTC date. Imported only when a limit is set
+The same arithmetic as the Lua scripts of quota_redis.py (quota_lua/): GCRA for requests, tokens booked in 1/60
+slices of the rolling minute, and one count per UTC day. The minute windows run on the monotonic clock, so a step of
+the wall clock cannot lock a client out or free it; the day follows the UTC date. Imported only when a limit is set
 without REDIS_URL.
 """
 
@@ -25,7 +25,8 @@ class Local:
     ) -> None:
         self._minute = settings.quota_minute
         self._day = settings.quota_day
-        self._clock, self._date = clock, date  # seconds: for the minute windows, and since the epoch for the day
+        self._clock = clock  # seconds, for the minute windows
+        self._date = date  # seconds since the epoch, for the day
         self._state: dict[str, _State] = {}
 
     async def admit(self, client: str, limits: Limits, cost: int, commit: bool) -> Raw:
@@ -70,9 +71,17 @@ class Local:
         newest = max((b for b, used in state.buckets.items() if used), default=None)
         minute_reset = 0.0 if newest is None else (newest + 60) * width - now
         return Raw(
-            refused, wait, remaining, tat - now, minute_used, minute_reset, day_used,
-            (day + 1) * self._day - today, bucket, day,
-        )  # fmt: skip
+            refused=refused,
+            wait=wait,
+            requests_remaining=remaining,
+            requests_reset=tat - now,
+            minute_used=minute_used,
+            minute_reset=minute_reset,
+            day_used=day_used,
+            day_reset=(day + 1) * self._day - today,
+            bucket=bucket,
+            day=day,
+        )
 
     async def settle(self, ticket: Ticket, tokens: int | None, refund_request: bool) -> bool:
         state = self._state[ticket.client]

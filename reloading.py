@@ -12,22 +12,42 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import logging_config
 from config import Settings, SettingsError, load_settings
 from llm import Upstream
 
 if TYPE_CHECKING:
-    from app import Service
+    from access import Keyring
+    from shutdown import Requests
 
 logger = logging.getLogger("service")
+
+
+class Reloadable(Protocol):
+    """What a reload reads and replaces of app.Service (this module is below app.py, so it names only these)."""
+
+    settings: Settings
+    upstream: Upstream | None
+
+    @property
+    def reload_on_hup(self) -> bool: ...
+
+    @property
+    def keyring(self) -> Keyring: ...
+
+    @property
+    def requests(self) -> Requests: ...
+
+    @property
+    def quota(self) -> object | None: ...
 
 
 class Reloader:
     """Installed by the app's lifespan in `python app.py` and in each of its workers (server.py, workers.py)."""
 
-    def __init__(self, service: Service) -> None:
+    def __init__(self, service: Reloadable) -> None:
         self._service = service
         self._retiring: set[asyncio.Task[None]] = set()  # old Groq clients waiting for their requests to end
 

@@ -24,17 +24,23 @@ import signal
 import socket
 from collections.abc import Callable, Iterator
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 import uvicorn
+from starlette.applications import Starlette
 
 import logging_config
-from app import create_app
 from config import Settings, SettingsError, load_settings
 from framing import H11_BUFFER_BYTES, GuardedProtocol
 from shutdown import Requests
 
 logger = logging.getLogger("service")
+
+
+class AppFactory(Protocol):
+    """app.create_app, passed in by app.py: this module is below it, so it never imports app."""
+
+    def __call__(self, settings: Settings, *, reload_on_hup: bool = ...) -> Starlette: ...
 
 
 class _Server(uvicorn.Server):
@@ -116,12 +122,13 @@ def configure_from_environment() -> tuple[Settings, dict[str, Any]]:
 
 
 @functools.cache
-def app_from_environment() -> Any:
+def app_from_environment(create_app: AppFactory) -> Starlette:
     """`app:app` for `python -m uvicorn` and for each worker: settings and logging set up on first use."""
     return create_app(configure_from_environment()[0], reload_on_hup=True)
 
 
-def main() -> None:
+def main(create_app: AppFactory) -> None:
+    """`python app.py`; with WORKERS > 1 each worker builds its app from the import string "app:app" instead."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the reload takes it (reloading.py; workers.py in the parent)
     settings, log_config = configure_from_environment()
     if settings.workers > 1:  # each worker builds its own app from "app:app"

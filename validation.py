@@ -15,12 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from body import MAX_JSON_DEPTH
 from config import MODEL_PATTERN
 from errors import ValidationError
 
 _SURROGATE = re.compile("[\ud800-\udfff]")  # text holding one cannot be sent upstream as UTF-8
 MAX_DETAILS = 20  # field errors listed in one answer; a 1 MiB body can hold 100,000 of them
-MAX_JSON_DEPTH = 64  # levels of objects and lists in a free-form JSON value (tool parameters, schemas)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,10 +7,8 @@ class replaces `handle_hup` alone: each worker gets SIGHUP and reloads in place.
 waited for (as uvicorn's own restart does), since SIGHUP would end it before its handler is installed; one that
 does not start in time is skipped with a warning.
 
-The one place that leans on uvicorn's supervisor internals (tests/test_reload.py checks each on the pinned
-uvicorn): `Multiprocess.processes`, `Multiprocess.should_exit`, `Multiprocess.handle_signals` calling
-`handle_<name>` by the signal's name, `Process.pid`, `Process.wait_until_ready(timeout, should_exit)` and
-`Config.timeout_worker_healthcheck`.
+The uvicorn supervisor internals this leans on are rows of docs/internals.md, checked on the pinned uvicorn by
+tests/test_internals.py (which also checks that `handle_signals` still calls `handle_<name>` by the signal's name).
 """
 
 from __future__ import annotations

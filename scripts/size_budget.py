@@ -34,11 +34,12 @@ DEFAULT_MODULES = [
 FEATURE_MODULES = {  # what each optional feature adds, imported only when it is on
     "SERVICE_KEYS_FILE": ["keys"],
     "a QUOTA_* limit": ["quota", "quota_local", "quota_types"],
-    "REDIS_URL (with a quota)": ["quota_redis", "quota_deadline"],
+    "REDIS_URL (with a quota)": ["quota_redis", "quota_deadline", "quota_lua/admit.lua", "quota_lua/settle.lua"],
     "METRICS=true": ["metrics"],
     "FALLBACK_MODELS": ["fallback"],
     "WORKERS > 1": ["workers"],
     "UPSTREAM_TRANSPORT=aiohttp (the fast extra)": ["upstream_aiohttp"],
+    "the script API (never imported by the app)": ["chat_api"],
 }
 # History: 1,000 for the first contract; 1,650 after streaming, hardening and the SDK routes; 1,665 for the CORS
 # envelope; 1,700 for splitting groq_wire.py and sdk_validation.py off modules at the 300-line limit. Then the
@@ -76,23 +77,37 @@ FEATURE_MODULES = {  # what each optional feature adds, imported only when it is
 # Issue 25's review: +15 default, +30 total: SIGHUP ignored from app.py's first line, secrets' files read as
 # regular files under a size limit (a FIFO or /dev/zero hung or exhausted start-up), a deeply nested keys file and
 # an unforeseen reload failure as one line, and workers.py's list of the uvicorn internals it relies on.
+# Issue 21 (layers that point down): +165 total. The quota's Lua scripts left quota_redis.py's strings for
+# quota_lua/*.lua, counted here from now on, one statement a line under a header on KEYS, ARGV and the reply (+93 net);
+# chat_api.py, the script API moved out of llm.py under its own docstring (+31 net); reloading.py's Protocol for
+# the service instead of importing app.py (+20); server.py taking the app factory (+7); no fmt: skip in
+# quota_local.py and no unrelated values packed into one assignment to save lines (+11).
 # Raise them again only with the change that needs it.
 DEFAULT_BUDGET = 3615
-TOTAL_BUDGET = 4965
+TOTAL_BUDGET = 5130
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _counts() -> dict[str, int]:
+    """Lines per file of the service: each module by its name, the quota's Lua scripts (quota_lua/) by their path."""
+    files = {path.stem: path for path in ROOT.glob("*.py")}
+    files |= {path.relative_to(ROOT).as_posix(): path for path in ROOT.glob("quota_lua/*.lua")}
+    return {name: len(path.read_text().splitlines()) for name, path in sorted(files.items())}
+
+
+def _shown(name: str) -> str:
+    return name if name.endswith(".lua") else f"{name}.py"
+
+
 def main() -> None:
-    counts = {path.stem: len(path.read_text().splitlines()) for path in sorted(ROOT.glob("*.py"))}
+    counts = _counts()
     for name, lines in counts.items():
-        print(f"{lines:5d}  {name}.py{'  <- over ' + str(MODULE_BUDGET) if lines > MODULE_BUDGET else ''}")
+        print(f"{lines:5d}  {_shown(name)}{'  <- over ' + str(MODULE_BUDGET) if lines > MODULE_BUDGET else ''}")
     default = sum(counts.get(name, 0) for name in DEFAULT_MODULES)
     total = sum(counts.values())
     print(f"{default:5d}  the default deployment, {len(DEFAULT_MODULES)} modules (budget {DEFAULT_BUDGET})")
     for feature, modules in FEATURE_MODULES.items():
-        print(
-            f"{sum(counts.get(m, 0) for m in modules):5d}  added by {feature}: {', '.join(m + '.py' for m in modules)}"
-        )
+        print(f"{sum(counts.get(m, 0) for m in modules):5d}  added by {feature}: {', '.join(map(_shown, modules))}")
     print(f"{total:5d}  all modules (budget {TOTAL_BUDGET})")
     unlisted = set(counts) - set(DEFAULT_MODULES) - {m for ms in FEATURE_MODULES.values() for m in ms}
     if unlisted:

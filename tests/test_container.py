@@ -149,7 +149,7 @@ def test_a_wrong_build_argument_is_named(docker: Docker) -> None:
 # --require-hashes --no-deps (here from the wheelhouse: the build machine has no index), the Redis extra too.
 _DEBIAN_INSTALL = """set -eu
 mkdir /opt/groq-proxy && cd /opt/groq-proxy
-cp /src/*.py /src/requirements*.txt .
+cp -r /src/*.py /src/quota_lua /src/requirements*.txt .
 python3 -m venv .venv
 .venv/bin/pip install --quiet --disable-pip-version-check --require-hashes --no-deps --no-index \
     --find-links /src/wheels -r requirements.txt -r requirements-redis.txt

@@ -76,7 +76,8 @@ def test_the_image_is_pinned_non_root_and_stops_and_checks_itself_as_documented(
         assert f"ARG {argument}=false" in DOCKERFILE.read_text()
         assert f'extra {extra} "${argument}" {argument};' in run  # the message names the argument as spelled
     assert "requirements-$1.txt" in run
-    assert {args.split()[0] for args in _all("COPY")} == {"requirements*.txt", "wheels/", "--from=dependencies", "*.py"}
+    copied = {args.split()[0] for args in _all("COPY")}
+    assert copied == {"requirements*.txt", "wheels/", "--from=dependencies", "*.py", "quota_lua/"}
     assert env["PATH"] == "/opt/venv/bin:$PATH"
 
 
@@ -124,7 +125,9 @@ def test_the_build_context_holds_the_service_files_only(tmp_path: Path) -> None:
     runtime = {p.name for p in ROOT.glob("requirements*.txt")} - {"requirements-dev.txt"}
     wheelhouse = {p.relative_to(ROOT).as_posix() for p in (ROOT / "wheels").iterdir()}
     assert "wheels/README.md" in wheelhouse
-    assert context == modules | runtime | wheelhouse
+    scripts = {p.relative_to(ROOT).as_posix() for p in (ROOT / "quota_lua").glob("*.lua")}
+    assert scripts == {"quota_lua/admit.lua", "quota_lua/settle.lua"}  # read by quota_redis.py at import
+    assert context == modules | scripts | runtime | wheelhouse
     for kept_out in (".env", ".venv/bin/python", "tests/conftest.py", "bench/run.py", "requirements-dev.txt"):
         assert not _in_context(kept_out, rules), kept_out
 

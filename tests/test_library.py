@@ -1,4 +1,4 @@
-"""`llm` used from a plain script: blocking calls, the same errors the app maps."""
+"""`chat_api` used from a plain script: blocking calls, the same errors the app maps."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from conftest import groq_env
 from fake_groq import Behaviour, FakeGroq
 
+import chat_api
 import errors
-import llm
 
 pytestmark = pytest.mark.both_transports  # every test here runs on httpx and on aiohttp
 
@@ -24,7 +24,7 @@ def script_env(fake: FakeGroq, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
 
 
 def test_chat_completion_returns_content_model_usage(script_env: FakeGroq) -> None:
-    result = llm.chat_completion([{"role": "user", "content": "hi"}], temperature=0.5)
+    result = chat_api.chat_completion([{"role": "user", "content": "hi"}], temperature=0.5)
     assert result.content == "Hello from the fake Groq server."
     assert result.model == "openai/gpt-oss-20b"
     assert result.usage == {"prompt_tokens": 10, "completion_tokens": 6, "total_tokens": 16}
@@ -40,21 +40,21 @@ def test_chat_completion_returns_content_model_usage(script_env: FakeGroq) -> No
 def test_chat_completion_reads_dotenv(script_env: FakeGroq, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GROQ_MODEL", raising=False)
     (tmp_path / ".env").write_text("GROQ_MODEL=qwen/qwen3.6-27b\n")
-    assert llm.chat_completion([{"role": "user", "content": "hi"}]).model == "qwen/qwen3.6-27b"
+    assert chat_api.chat_completion([{"role": "user", "content": "hi"}]).model == "qwen/qwen3.6-27b"
 
 
 def test_chat_completion_raises_the_mapped_error(script_env: FakeGroq) -> None:
     error = {"message": "Rate limit reached", "type": "tokens", "code": "rate_limit_exceeded"}
     script_env.behaviours["busy"] = Behaviour(status=429, error=error, headers={"retry-after": "2.5"})
     with pytest.raises(errors.RateLimited) as caught:
-        llm.chat_completion([{"role": "user", "content": "hi"}], model="busy")
+        chat_api.chat_completion([{"role": "user", "content": "hi"}], model="busy")
     assert (caught.value.status, caught.value.type, caught.value.retry_after) == (429, "rate_limited", "3")
     assert caught.value.message == "Rate limit reached"
 
 
 def test_chat_completion_validates_like_the_app(script_env: FakeGroq) -> None:
     with pytest.raises(errors.ValidationError) as caught:
-        llm.chat_completion([{"role": "bot", "content": "hi"}], temperature=9)
+        chat_api.chat_completion([{"role": "bot", "content": "hi"}], temperature=9)
     assert {d["field"] for d in caught.value.details} == {"messages[0].role", "temperature"}
     assert script_env.received == []
 
@@ -62,15 +62,15 @@ def test_chat_completion_validates_like_the_app(script_env: FakeGroq) -> None:
 def test_chat_completion_without_key_is_not_configured(script_env: FakeGroq, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GROQ_API_KEY")
     with pytest.raises(errors.NotConfigured):
-        llm.chat_completion([{"role": "user", "content": "hi"}])
+        chat_api.chat_completion([{"role": "user", "content": "hi"}])
 
 
 def test_stream_chat_completion_yields_deltas_then_metadata(script_env: FakeGroq) -> None:
     script_env.default = Behaviour(chunks=5)
-    pieces = list(llm.stream_chat_completion([{"role": "user", "content": "hi"}]))
+    pieces = list(chat_api.stream_chat_completion([{"role": "user", "content": "hi"}]))
     *deltas, final = pieces
     assert deltas == ["t0 ", "t1 ", "t2 ", "t3 ", "t4 "]
-    assert isinstance(final, llm.ChatResult)
+    assert isinstance(final, chat_api.ChatResult)
     assert dataclasses.asdict(final) == {
         "content": "",
         "model": "openai/gpt-oss-20b",
@@ -83,7 +83,7 @@ def test_stream_chat_completion_yields_deltas_then_metadata(script_env: FakeGroq
 
 def test_stopping_a_stream_early_closes_it_upstream(script_env: FakeGroq) -> None:
     script_env.default = Behaviour(chunks=500, chunk_delay=0.01)
-    stream = llm.stream_chat_completion([{"role": "user", "content": "hi"}])
+    stream = chat_api.stream_chat_completion([{"role": "user", "content": "hi"}])
     assert next(stream) == "t0 "
     stream.close()  # type: ignore[attr-defined]
     assert script_env.stream_ended.wait(5)

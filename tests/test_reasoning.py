@@ -17,7 +17,7 @@ from fake_groq import Behaviour, FakeGroq
 from test_chat import assert_error
 from test_streaming import stream_and_check
 
-import llm
+import chat_api
 
 pytestmark = pytest.mark.both_transports  # every test here runs on httpx and on aiohttp
 
@@ -391,8 +391,8 @@ def test_a_script_stream_yields_the_answer_not_the_reasoning(
     for name, value in groq_env(fake).items():
         monkeypatch.setenv(name, value)
     fake.default = Behaviour(reasoning=REASONING, chunks=2)
-    *deltas, final = llm.stream_chat_completion([{"role": "user", "content": "hi"}], include_reasoning=True)
+    *deltas, final = chat_api.stream_chat_completion([{"role": "user", "content": "hi"}], include_reasoning=True)
     assert deltas == ["t0 ", "t1 "]
-    assert isinstance(final, llm.ChatResult) and final.reasoning is None
-    result = llm.chat_completion([{"role": "user", "content": "hi"}], reasoning_format="parsed")
+    assert isinstance(final, chat_api.ChatResult) and final.reasoning is None
+    result = chat_api.chat_completion([{"role": "user", "content": "hi"}], reasoning_format="parsed")
     assert result.reasoning == REASONING

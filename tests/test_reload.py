@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -396,42 +395,3 @@ def test_what_a_running_process_cannot_change(
     else:
         with pytest.raises(SettingsError, match=refusal):
             check_applicable(old, new, quota_on=quota_on)
-
-
-def test_the_uvicorn_internals_workers_py_uses_are_there() -> None:
-    """workers.py leans on uvicorn's supervisor internals (listed in its docstring): each, on the pinned uvicorn."""
-    import uvicorn
-    from uvicorn.supervisors import multiprocess
-
-    from workers import Workers
-
-    class Recording(Workers):
-        def handle_hup(self) -> None:
-            self.hup_handled = True
-
-    config = uvicorn.Config("app:app", workers=2)
-    signals = {*getattr(multiprocess, "SIGNALS", {}), signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-    saved = {sig: signal.getsignal(sig) for sig in signals}
-    try:
-        supervisor = Recording(config, sockets=[])  # sets signal handlers (restored below); starts nothing
-        supervisor.signal_queue.append(signal.SIGHUP)
-        supervisor.handle_signals()
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-    wait = getattr(multiprocess.Process, "wait_until_ready", None)
-    checks = {
-        "Multiprocess.processes (a list)": isinstance(getattr(supervisor, "processes", None), list),
-        "Multiprocess.should_exit (a threading.Event)": isinstance(
-            getattr(supervisor, "should_exit", None), threading.Event
-        ),
-        "Multiprocess.handle_signals calling handle_hup": getattr(supervisor, "hup_handled", False),
-        "Process.pid (a property)": isinstance(getattr(multiprocess.Process, "pid", None), property),
-        "Process.wait_until_ready(timeout, should_exit)": wait is not None
-        and list(inspect.signature(wait).parameters)[1:3] == ["timeout", "should_exit"],
-        "Config.timeout_worker_healthcheck (seconds)": isinstance(
-            getattr(config, "timeout_worker_healthcheck", None), int
-        ),
-    }
-    missing = [name for name, present in checks.items() if not present]
-    assert not missing, f"uvicorn {uvicorn.__version__} lacks what workers.py uses: {'; '.join(missing)}"
