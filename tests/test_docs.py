@@ -356,10 +356,6 @@ def test_a_command_that_drifted_from_the_code_fails(fake: FakeGroq, tmp_path: Pa
         session.close()
 
 
-# Linked before it exists: docs/internals.md is written by issue 21's part b; drop it here once merged.
-PENDING = {ROOT / "docs" / "internals.md"}
-
-
 def anchors(doc: Path) -> set[str]:
     """GitHub's anchors for the headings outside code blocks: lower case, punctuation dropped, spaces to `-`."""
     text = re.sub(r"^```.*?^```", "", doc.read_text(), flags=re.M | re.S)
@@ -376,8 +372,6 @@ def test_every_relative_link_reaches_its_file_and_heading() -> None:
                 continue
             path, _, anchor = target.partition("#")
             file = (doc.parent / path).resolve() if path else doc
-            if file in PENDING:
-                continue
             if not file.exists() or (anchor and file.suffix == ".md" and anchor not in anchors(file)):
                 broken.append(f"{doc.relative_to(ROOT)}: {target}")
     assert not broken, broken
