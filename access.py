@@ -13,9 +13,12 @@ import re
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from config import ServiceKey, Settings
+from envelope import error_response
 from errors import InvalidRequest, NotFound, ServiceError, Unauthorized
-from middleware import CLIENT, LOCAL, LOG_FIELDS, error_response
+from record import RECORD, Record
 
+CLIENT = "service.client"  # scope key: the ServiceKey of the caller, set by Authorize (quotas and models use it)
+LOCAL = ServiceKey("local", b"")  # every loopback caller when no token is configured: one client
 OPEN_PATHS = frozenset({"/", "/healthz", "/readyz"})
 METRICS_PATH = "/metrics"
 LOOPBACK_ONLY = (
@@ -41,7 +44,7 @@ class Keyring:
         self.clients = {c.sha256: c for c in settings.service_keys} or {
             d.digest(): ServiceKey(d.hexdigest()[:8], d.digest()) for d in digests
         }
-        self.log_as = "key" if settings.service_keys else "key_id"
+        self.named = bool(settings.service_keys)  # the access line shows a `key` (its name), else a `key_id`
         token = settings.metrics_token  # the scraper's: it opens /metrics only
         self.metrics = hashlib.sha256(token.encode()).digest() if token else None
 
@@ -85,7 +88,8 @@ class Authorize:
         if refusal is None:
             await self.app(scope, receive, send)
         else:
-            scope[LOG_FIELDS]["error"] = refusal.type
+            record: Record = scope[RECORD]
+            record.error = refusal.type
             await error_response(refusal, scope)(scope, receive, send)
 
     def _misdirected(self, scope: Scope) -> ServiceError | None:
@@ -118,7 +122,11 @@ class Authorize:
         if client is None:
             message = "A valid service token is required: send Authorization: Bearer <token>."
             return Unauthorized(message, headers={"WWW-Authenticate": "Bearer"})
-        scope[LOG_FIELDS][self._keyring.log_as] = client.name
+        record: Record = scope[RECORD]
+        if self._keyring.named:
+            record.key = client.name
+        else:
+            record.key_id = client.name
         scope[CLIENT] = client
         return None
 

@@ -26,13 +26,16 @@ from starlette.routing import Route
 import access
 import body
 import errors
-import lifetimes
 import reloading
 import shutdown
 import streaming
 from config import Settings
+from disconnect import while_connected
+from envelope import chat_error_event, http_error, openai_error_event, service_error
 from llm import Upstream
-from middleware import CLIENT, LOG_FIELDS, REQUESTED, Cors, RequestLog, elapsed_ms, http_error, service_error
+from middleware import Cors, RequestLog
+from pacing import Paced
+from record import RECORD, Record, elapsed_ms
 from sdk_validation import check_model_id, parse_completion
 from validation import parse_chat
 
@@ -88,7 +91,7 @@ def create_app(settings: Settings, *, reload_on_hup: bool = False) -> Starlette:
     # -> CORS (if set) -> Authorize -> QuotaGate (if a quota is set) -> Starlette's ExceptionMiddleware -> router.
     middleware = [
         Middleware(RequestLog, observe=observe),
-        Middleware(lifetimes.Paced),
+        Middleware(Paced),
         Middleware(shutdown.EndOnShutdown, requests=service.requests),
         *(cors if settings.cors_origins else []),
         Middleware(access.Authorize, keyring=service.keyring, settings=settings),
@@ -160,52 +163,44 @@ class Service:
         self._upstream()  # 503 before reading the body; the call takes the Upstream of its time (a reload swaps it)
         chat = parse_chat(await self._body(request), allowed_models=self._allowed_models(request))
         model = chat.model or self.settings.groq_model
-        fields = self._log_request(request, model, chat.messages, chat.stream)
+        record = self._log_request(request, model, chat.messages)
         await self._admit(request, chat.params.get("max_tokens") or chat.params.get("max_completion_tokens"))
         chain = self.fallbacks.chain(model, request.scope) if self.fallbacks else None
         limits: list[tuple[str, str]] = []  # Groq's x-ratelimit-*, passed on (quota.py swaps in its own)
         body = {"messages": chat.messages, "model": model, **chat.params}
         if chat.stream:
-            fields["stream"] = True
+            record.stream = True
             pieces = self._upstream().chat_stream(body, chain, limits)
+            encode = streaming.chat_encoder(record)
             return await streaming.start(
-                pieces,
-                streaming.chat_encoder(fields),
-                streaming.chat_error_event,
-                fields,
-                self._release,
-                request.receive,
-                limits,
+                pieces, encode, chat_error_event, record, self._release, request.receive, limits
             )
-        with self._slot(fields):
-            call = self._upstream().chat(body, chain, limits)
-            result = await lifetimes.while_connected(request.receive, call)
-        streaming.log_result(
-            fields, result.model, result.usage, fields.get("completion") is not None and result.content
-        )
+        with self._slot(record):
+            result = await while_connected(request.receive, self._upstream().chat(body, chain, limits))
+        streaming.note_result(record, result)
         return _json(result.answer(), headers=limits)
 
     async def completions(self, request: Request) -> Response:
         """The groq and openai SDKs' own route: Groq's body and stream relayed as Groq sent them."""
         self._upstream()
         completion = parse_completion(await self._body(request), allowed_models=self._allowed_models(request))
-        fields = self._log_request(request, completion.model, completion.body["messages"], completion.stream)
+        record = self._log_request(request, completion.model, completion.body["messages"])
         body = completion.body
         await self._admit(request, body.get("max_completion_tokens") or body.get("max_tokens"))
         chain = self.fallbacks.chain(completion.model, request.scope) if self.fallbacks else None
         limits: list[tuple[str, str]] = []  # Groq's x-ratelimit-*, passed on (quota.py swaps in its own)
         if completion.stream:
-            fields["stream"] = True
+            record.stream = True
             body, strip_usage = self.quota.ask_for_usage(body) if self.quota else (body, False)
             events = self._upstream().stream_events(body, chain, limits)
-            encode = streaming.relay_encoder(fields, strip_usage)
+            encode = streaming.relay_encoder(record, strip_usage)
             return await streaming.start(
-                events, encode, streaming.openai_error_event, fields, self._release, request.receive, limits
+                events, encode, openai_error_event, record, self._release, request.receive, limits
             )
-        with self._slot(fields):
+        with self._slot(record):
             call = self._upstream().complete(completion.body, chain, limits)
-            raw, data = await lifetimes.while_connected(request.receive, call)
-        streaming.note_completion(fields, data)
+            raw, data = await while_connected(request.receive, call)
+        streaming.note_completion(record, data)
         return Response(raw, headers=dict(limits), media_type=_JSON)
 
     async def models(self, request: Request) -> Response:
@@ -214,24 +209,24 @@ class Service:
         model_id = None if model_id is None else check_model_id(model_id, allowed)  # before any quota is spent
         limits: list[tuple[str, str]] = []  # Groq's x-ratelimit-*, passed on (quota.py swaps in its own)
         await self._admit(request, 0)  # holds a slot: nothing may raise before `_slot` takes it over
-        with self._slot(request.scope[LOG_FIELDS]):
+        with self._slot(request.scope[RECORD]):
             upstream = self._upstream()  # inside: admitted, so not_configured is refunded like any refusal
             if model_id is not None:
-                model = await lifetimes.while_connected(request.receive, upstream.model(model_id, limits))
+                model = await while_connected(request.receive, upstream.model(model_id, limits))
                 return _json(model, headers=limits)
-            listing = await lifetimes.while_connected(request.receive, upstream.models(limits))
+            listing = await while_connected(request.receive, upstream.models(limits))
         if allowed and isinstance(listing.get("data"), list):
             listing["data"] = [m for m in listing["data"] if isinstance(m, dict) and m.get("id") in allowed]
         return _json(listing, headers=limits)
 
-    def _log_request(self, request: Request, model: str, messages: object, stream: bool) -> dict[str, Any]:
-        fields: dict[str, Any] = request.scope[LOG_FIELDS]
-        fields["model"] = None  # Groq's, once it names one; RequestLog writes the one asked for if it never does
-        request.scope[REQUESTED] = (model, stream, 0.0)
+    def _log_request(self, request: Request, model: str, messages: list[Any]) -> Record:
+        """A chat call's record: the model asked for, and with LOG_PROMPTS the messages (the answer's text follows)."""
+        record: Record = request.scope[RECORD]
+        record.requested_model = model
         if self.settings.log_prompts:
-            fields["messages"] = messages
-            fields["completion"] = ""
-        return fields
+            record.messages = messages
+            record.completion = ""
+        return record
 
     async def _admit(self, request: Request, max_tokens: object) -> None:
         """A slot (freed by `_slot` or streaming.start) first, so `overloaded` spends no quota; then the quota's."""
@@ -244,17 +239,17 @@ class Service:
                 raise
 
     def _allowed_models(self, request: Request) -> tuple[str, ...]:
-        client = request.scope.get(CLIENT)  # a SERVICE_KEYS_FILE entry may narrow ALLOWED_MODELS
+        client = request.scope.get(access.CLIENT)  # a SERVICE_KEYS_FILE entry may narrow ALLOWED_MODELS
         return client.allowed_models if client is not None and client.allowed_models else self.settings.allowed_models
 
     @contextlib.contextmanager
-    def _slot(self, fields: dict[str, Any]) -> Iterator[None]:
+    def _slot(self, record: Record) -> Iterator[None]:
         started = time.perf_counter()
         try:
             yield
         finally:
             self._release()
-            fields["upstream_ms"] = elapsed_ms(started)
+            record.upstream_ms = elapsed_ms(started)
 
     def _upstream(self) -> Upstream:
         if self.upstream is None:

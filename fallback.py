@@ -7,8 +7,8 @@ before its first piece, so before its response head. Every model but the last is
 retries, so a 429 goes on at once; a failure the SDK would retry that is no such trigger (408, 409, 504, another
 5xx) calls that model again with GROQ_MAX_RETRIES, so a fallback never takes a retry away. The last model keeps
 GROQ_MAX_RETRIES. All share one GROQ_TIMEOUT deadline, and no call starts after it. When every model fails, the
-last error stands. The access line gets `fallback_from` and `attempts`; `on_fallback` (metrics.Metrics.fallback)
-hears of each failed call as it falls back.
+last error stands. The request's record (so its access line) gets `fallback_from` and `attempts`; `on_fallback`
+(metrics.Metrics.fallback) hears of each failed call as it falls back.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import groq
 from starlette.types import Scope
 
 import errors
+from access import CLIENT
 from config import Settings
-from middleware import CLIENT, LOG_FIELDS, REQUESTED, elapsed_ms
+from record import RECORD, Record, elapsed_ms
 
 MAX_FALLBACKS = 3  # Groq calls after the first, for one request
 _CAPACITY = frozenset({429, 498, 500, 502, 503})  # never 400/401/403/404/413/422: the request is the problem
@@ -58,18 +59,18 @@ class Fallbacks:
         usable = after if not allowed else tuple(m for m in after if m in allowed)  # a forbidden one is skipped
         if not usable:
             return None
-        return Chain(self, (model, *usable[:MAX_FALLBACKS]), scope)
+        return Chain(self, (model, *usable[:MAX_FALLBACKS]), scope[RECORD])
 
 
 class Chain:
-    """One request's models, tried in turn by `complete` or `stream`; its access line and metrics told as it goes."""
+    """One request's models, tried in turn by `complete` or `stream`; its record and metrics told as it goes."""
 
-    __slots__ = ("_began", "_fallbacks", "_models", "_scope")
+    __slots__ = ("_began", "_fallbacks", "_models", "_record")
 
-    def __init__(self, fallbacks: Fallbacks, models: tuple[str, ...], scope: Scope) -> None:
+    def __init__(self, fallbacks: Fallbacks, models: tuple[str, ...], record: Record) -> None:
         self._fallbacks = fallbacks
         self._models = models
-        self._scope = scope
+        self._record = record
         self._began = 0.0  # perf_counter when the first call started
 
     async def complete(self, call: Call, body: dict[str, Any]) -> bytes:
@@ -123,12 +124,12 @@ class Chain:
         if not (_capacity(exc) and _before(deadline)):
             return False
         failed, following = self._models[i], self._models[i + 1]
-        fields = self._scope[LOG_FIELDS]
-        fields["fallback_from"] = self._models[0]
-        fields["attempts"] = i + 2
-        fields["model"] = following  # the last model tried, until Groq's answer names its own
+        self._record.fallback_from = self._models[0]
+        self._record.attempts = i + 2
+        self._record.model = following  # the last model tried, until Groq's answer names its own
         # Metrics: the next call is the one the request reports, measured from its own start.
-        self._scope[REQUESTED] = (following, self._scope[REQUESTED][1], elapsed_ms(self._began))
+        self._record.requested_model = following
+        self._record.call_started_ms = elapsed_ms(self._began)
         if self._fallbacks.on_fallback is not None:
             self._fallbacks.on_fallback(failed, following, exc.type, time.perf_counter() - started)
         return True

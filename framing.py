@@ -26,10 +26,11 @@ from starlette.types import Message, Receive, Scope, Send
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 import logging_config
+from envelope import is_sdk_route
 from errors import HeadersTooLarge, InvalidRequest, ServiceError
-from lifetimes import WriteDeadline
-from middleware import elapsed_ms, is_sdk_route
+from record import Record, access_line, elapsed_ms
 from shutdown import ABORT
+from write_deadline import WriteDeadline
 
 _MAX_HEAD_BYTES = 16 * 1024  # a whole request head (Node's and h11's default)
 _MAX_LINE_BYTES = 8 * 1024  # one line of it (nginx's and Apache's)
@@ -186,7 +187,7 @@ class GuardedProtocol(WriteDeadline, AutoHTTPProtocol):  # type: ignore[misc, va
         request_id, body, headers = self._envelope(error, openai=is_sdk_route(scope))
         await send({"type": "http.response.start", "status": error.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
-        self._log(error, request_id, {"method": scope["method"], "path": scope["path"]})
+        self._log(error, request_id, scope["method"], scope["path"])
 
     def _refuse(self, error: ServiceError) -> None:
         """Answer what the app never saw, after the answers to earlier requests on this connection."""
@@ -202,7 +203,7 @@ class GuardedProtocol(WriteDeadline, AutoHTTPProtocol):  # type: ignore[misc, va
         head += b"".join(b"%s: %s\r\n" % header for header in headers)
         self.transport.write(head + b"\r\n" + body)
         self.transport.close()
-        self._log(error, request_id, {})
+        self._log(error, request_id, None, None)
 
     def _envelope(self, error: ServiceError, *, openai: bool) -> tuple[str, bytes, list[tuple[bytes, bytes]]]:
         """A refusal's request id, body and headers; the connection closes after it."""
@@ -212,15 +213,18 @@ class GuardedProtocol(WriteDeadline, AutoHTTPProtocol):  # type: ignore[misc, va
         headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
         return request_id, body, [*headers, (b"x-request-id", request_id.encode()), (b"connection", b"close")]
 
-    def _log(self, error: ServiceError, request_id: str, fields: dict[str, Any]) -> None:
-        """The access line RequestLog writes, for a request refused before the app saw it."""
-        fields |= {"status": error.status, "client": f"{self.client[0]}:{self.client[1]}" if self.client else None}
-        fields |= {"error": error.type, "duration_ms": elapsed_ms(self._head_started)}
+    def _log(self, error: ServiceError, request_id: str, method: str | None, path: str | None) -> None:
+        """The access line RequestLog writes, for a request refused before the app saw it (before its head was
+        parsed: no method or path)."""
+        peer = f"{self.client[0]}:{self.client[1]}" if self.client else None
+        record = Record(
+            method, path, peer, status=error.status, error=error.type, duration_ms=elapsed_ms(self._head_started)
+        )
         token = logging_config.REQUEST_ID.set(request_id)
-        logger.info("request", extra={"fields": fields})
+        logger.info("request", extra={"fields": access_line(record)})
         logging_config.REQUEST_ID.reset(token)
         if (metrics := self.app_state.get("metrics")) is not None:  # METRICS=true (Service.lifespan's state)
-            metrics.refused_below(fields)
+            metrics.refused_below(record)
 
     def _close(self) -> None:
         """uvicorn closes: when the client may still be sending, half-close after the answer and drop what

@@ -1,8 +1,8 @@
-"""`GET /metrics` for Prometheus (METRICS=true): OpenTelemetry's HTTP and GenAI names, fed by the access line.
+"""`GET /metrics` for Prometheus (METRICS=true): OpenTelemetry's HTTP and GenAI names, fed by each request's record.
 
 Imported only when METRICS=true, so prometheus-client (requirements-metrics.txt) stays optional.
-`middleware.RequestLog` calls `Metrics.observe` as a request starts and the function it returns with the
-request's final log fields (framing.py calls `refused_below` for a request refused before the app saw it,
+`middleware.RequestLog` calls `Metrics.observe` as a request starts and the function it returns once the
+request's record is final (framing.py calls `refused_below` for a request refused before the app saw it,
 through the lifespan state); `Service` reports its Groq calls in flight, quota.py each client's remaining
 quota, and fallback.py each fallback taken. Nothing a client sends can add a series: routes are the app's
 templates (else `other`), methods the standard ones (else `_OTHER`), keys the configured clients' names or token
@@ -33,7 +33,7 @@ from starlette.types import Scope
 
 import errors
 from config import Settings
-from middleware import LOG_FIELDS, REQUESTED
+from record import RECORD, Record
 
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"  # where prometheus-client's multiprocess mode keeps its files
 OTHER = "other"
@@ -77,7 +77,6 @@ _GROQ_NOT_CALLED = frozenset(
 _LEARNED_MODELS = 16
 _GEN_AI = ("chat", "groq")  # gen_ai_operation_name, gen_ai_provider_name
 _GEN_AI_LABELS = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model")
-_TOKEN_FIELDS = (("input", "prompt_tokens"), ("output", "completion_tokens"))
 
 
 class Metrics:
@@ -177,40 +176,40 @@ class Metrics:
 
         def finished() -> None:
             active.dec()
-            self._record(route, scope[LOG_FIELDS], scope.get(REQUESTED))
+            self._observed(route, scope[RECORD])
 
         return finished
 
-    def refused_below(self, fields: dict[str, Any]) -> None:
-        """framing.GuardedProtocol's access line for a request it refused before the app saw it (431, 400)."""
-        self._record(fields["path"] if fields.get("path") in self._routes else OTHER, fields, None)
+    def refused_below(self, record: Record) -> None:
+        """framing.GuardedProtocol's record of a request it refused before the app saw it (431, 400)."""
+        self._observed(record.path if record.path in self._routes else OTHER, record)
 
-    def _record(self, route: str, fields: dict[str, Any], requested: tuple[str, bool, float] | None) -> None:
-        method = fields.get("method") if fields.get("method") in _METHODS else "_OTHER"
-        self._child(self.requests, method, route, fields["status"]).observe(fields["duration_ms"] / 1000)
-        error = fields.get("error")
+    def _observed(self, route: str, record: Record) -> None:
+        method = record.method if record.method in _METHODS else "_OTHER"
+        self._child(self.requests, method, route, record.status).observe(record.duration_ms / 1000)
+        error = record.error
         if error is not None and error not in _NOT_REFUSALS:
             self._child(self.refused, error).inc()
-        if requested is not None and error not in _GROQ_NOT_CALLED:
-            self._call(fields, *requested)
+        if record.requested_model is not None and error not in _GROQ_NOT_CALLED:
+            self._call(record)
 
-    def _call(self, fields: dict[str, Any], requested: str, stream: bool, started_ms: float) -> None:
+    def _call(self, record: Record) -> None:
         """A chat call that reached Groq (or tried to): duration, tokens, and a stream's first chunk, timed from
-        `started_ms` into the wait on Groq: the calls that failed before it (fallback.py) are their own operations."""
-        error = fields.get("error") or ""
-        # The access line's model is None until Groq names one (a completion, a stream chunk): only Groq's names
+        `call_started_ms` into the wait on Groq: the calls that failed before it (fallback.py) are their own
+        operations."""
+        error = record.error or ""
+        started_ms = record.call_started_ms
+        # The record's model is None until Groq names one (a completion, a stream chunk): only Groq's names
         # are learned, never a model a client asked for and Groq did not answer (the client may have left first).
-        answered = self._model(fields.get("model"), learn=not error)
-        model = self._model(requested)
-        ms = fields["duration_ms"] if stream or "upstream_ms" not in fields else fields["upstream_ms"]
+        answered = self._model(record.model, learn=not error)
+        model = self._model(record.requested_model)
+        upstream_ms = record.upstream_ms
+        ms = record.duration_ms if record.stream or upstream_ms is None else upstream_ms
         self._child(self.operations, *_GEN_AI, model, error).observe((ms - started_ms) / 1000)
-        if stream and "upstream_ms" in fields:
-            self._child(self.first_token, *_GEN_AI, model, answered).observe(
-                (fields["upstream_ms"] - started_ms) / 1000
-            )
-        key = fields.get("key") or fields.get("key_id") or "none"  # Authorize: a keys-file name, or a token's id
-        for kind, name in _TOKEN_FIELDS:
-            count = fields.get(name)
+        if record.stream and upstream_ms is not None:
+            self._child(self.first_token, *_GEN_AI, model, answered).observe((upstream_ms - started_ms) / 1000)
+        key = record.key or record.key_id or "none"  # Authorize: a keys-file name, or a token's id
+        for kind, count in (("input", record.prompt_tokens), ("output", record.completion_tokens)):
             if type(count) is int and count >= 0:  # Groq's count, checked: not a bool, a float or garbage
                 self._child(self.token_usage, *_GEN_AI, model, error, kind, answered).observe(count)
                 self._child(self.tokens, key, kind, answered).inc(count)

@@ -18,9 +18,10 @@ import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import errors
+from access import CLIENT, LOCAL
 from config import ServiceKey, Settings
-from middleware import CLIENT, LOCAL, LOG_FIELDS
 from quota_types import NEVER, Limits, Raw, Ticket
+from record import RECORD, Record
 
 QUOTA = "service.quota"  # scope key: this request's `Admission`, filled by `Quota.admit`
 GROQ_ROUTES = frozenset(
@@ -107,7 +108,8 @@ class Quota:
             return
         admission.headers = self._headers(client.name, limits, raw)
         if raw.refused:
-            scope[LOG_FIELDS]["quota"] = _NAMES[raw.refused]
+            record: Record = scope[RECORD]
+            record.quota = _NAMES[raw.refused]
             raise _exceeded(limits, raw, cost)
         admission.ticket = Ticket(client.name, limits, cost, raw.bucket, raw.day)
 
@@ -118,18 +120,17 @@ class Quota:
         raw = await self._look(client.name, limits) if any(limits) else None
         return [] if raw is None else self._headers(client.name, limits, raw)
 
-    async def settle(self, ticket: Ticket, fields: dict[str, Any]) -> bool:
-        """Book Groq's usage (fields' token counts) in place of the reservation; True: tell METRICS (`report`)."""
-        prompt, completion = fields.get("prompt_tokens"), fields.get("completion_tokens")
-        error = fields.get("error")
+    async def settle(self, ticket: Ticket, record: Record) -> bool:
+        """Book Groq's usage (the record's token counts) in place of the reservation; True: tell METRICS (`report`)."""
+        prompt, completion, error = record.prompt_tokens, record.completion_tokens, record.error
         tokens = None  # unknown: the reservation stands
         if _count(prompt) and _count(completion):
             tokens = prompt + completion
         elif error in _NOT_SENT or error in _NOT_GENERATED:
             tokens = 0
-        fields["charged_tokens"] = ticket.cost  # until the store takes the settlement (a native cancel may come)
+        record.charged_tokens = ticket.cost  # until the store takes the settlement (a native cancel may come)
         settled = await self.store.settle(ticket, tokens, error in _NOT_SENT)
-        fields["charged_tokens"] = tokens if settled and tokens is not None else ticket.cost
+        record.charged_tokens = tokens if settled and tokens is not None else ticket.cost
         return bool(self._on_remaining and settled and (error in _NOT_SENT or tokens not in (None, ticket.cost)))
 
     async def report(self, ticket: Ticket) -> None:
@@ -171,7 +172,7 @@ class QuotaGate:
                 if headers is None:
                     headers = await self.quota.peek(scope) if CLIENT in scope else []
                 message["headers"] = [*(h for h in message["headers"] if not h[0].startswith(b"x-ratelimit")), *headers]
-            if admission.ticket is not None and _usage_known(message, scope[LOG_FIELDS]):
+            if admission.ticket is not None and _usage_known(message, scope[RECORD]):
                 await self._settle(admission, scope)  # booked before the client can see the usage
             await send(message)
 
@@ -188,13 +189,13 @@ class QuotaGate:
         """Once per admission. A cancelled request still pays: the local store never waits, Redis's runs in a task
         of its own that the cancellation does not reach (at the shutdown deadline it ends after the request)."""
         ticket, admission.ticket = admission.ticket, None
-        if ticket is not None and await self.quota.settle(ticket, scope[LOG_FIELDS]):
+        if ticket is not None and await self.quota.settle(ticket, scope[RECORD]):
             admission.settled = ticket
 
 
-def _usage_known(message: Message, fields: dict[str, Any]) -> bool:
-    """Groq's usage is in the fields (as early as the answer's head), or this is the answer's last piece."""
-    counted = _count(fields.get("prompt_tokens")) and _count(fields.get("completion_tokens"))
+def _usage_known(message: Message, record: Record) -> bool:
+    """Groq's usage is in the record (as early as the answer's head), or this is the answer's last piece."""
+    counted = _count(record.prompt_tokens) and _count(record.completion_tokens)
     return counted or (message["type"] == "http.response.body" and not message.get("more_body"))
 
 

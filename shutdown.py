@@ -17,9 +17,9 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from envelope import chat_error_event, error_response, is_sdk_route, openai_error_event
 from errors import ShuttingDown
-from middleware import LOG_FIELDS, error_response, is_sdk_route
-from streaming import chat_error_event, openai_error_event
+from record import RECORD, Record
 
 ABORT = "service.abort"  # scope key: `await scope[ABORT](always)` aborts the connection (framing.py sets it)
 _SEND_SECONDS = 0.5  # for the last answer: well before uvicorn cancels the request, a second after the deadline
@@ -76,9 +76,9 @@ class EndOnShutdown:
 
 async def _answer(scope: Scope, receive: Receive, send: Send, started: list[bool]) -> None:
     error = ShuttingDown("The service is shutting down and this request ran past SHUTDOWN_TIMEOUT; retry it.")
-    fields = scope[LOG_FIELDS]
-    fields["error"] = error.type
-    fields.pop("disconnected", None)
+    record: Record = scope[RECORD]
+    record.error = error.type
+    record.disconnected = False
     completed = False
     # The client may be gone (OSError) or not reading (TimeoutError); uvicorn may cancel us after all.
     with contextlib.suppress(OSError, TimeoutError, asyncio.CancelledError):

@@ -17,11 +17,10 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 import groq_wire
-import lifetimes
-import logging_config
+from disconnect import while_connected
 from errors import ServiceError
 from groq_wire import ChatResult, Delta
-from middleware import elapsed_ms
+from record import Record, elapsed_ms
 
 # Set here, not as media_type, so Starlette adds no charset: SSE is always UTF-8.
 _HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -33,7 +32,7 @@ async def start(
     pieces: AsyncGenerator[Any],
     encode: Encoder,
     error_event: Callable[[ServiceError], bytes],
-    fields: dict[str, Any],
+    record: Record,
     release: Callable[[], None],
     receive: Receive,
     head: list[tuple[str, str]] | None = None,
@@ -46,9 +45,9 @@ async def start(
     started = time.perf_counter()
     close = _closer(pieces, release)
     try:
-        first = await lifetimes.while_connected(receive, anext(pieces))
-        fields["upstream_ms"] = elapsed_ms(started)
-        events = _relay(first, pieces, encode, error_event, fields, close)
+        first = await while_connected(receive, anext(pieces))
+        record.upstream_ms = elapsed_ms(started)
+        events = _relay(first, pieces, encode, error_event, record, close)
         return _EventStream(events, close, headers={**_HEADERS, **dict(head or ())})  # until here, no one else closes
     except BaseException:
         await close()
@@ -76,7 +75,7 @@ async def _relay(
     pieces: AsyncGenerator[Any],
     encode: Encoder,
     error_event: Callable[[ServiceError], bytes],
-    fields: dict[str, Any],
+    record: Record,
     close: Callable[[], Awaitable[None]],
 ) -> AsyncGenerator[bytes]:
     finished = False
@@ -87,12 +86,12 @@ async def _relay(
     except StopAsyncIteration:
         finished = True
     except ServiceError as err:
-        fields["error"] = err.type
+        record.error = err.type
         finished = True
         yield error_event(err)
     finally:
         if not finished:
-            fields["disconnected"] = True
+            record.disconnected = True
         await close()
 
 
@@ -116,20 +115,21 @@ class _EventStream(StreamingResponse):
                 await self._close()
 
 
-def chat_encoder(fields: dict[str, Any]) -> Callable[[list[Delta] | ChatResult], bytes]:
+def chat_encoder(record: Record) -> Callable[[list[Delta] | ChatResult], bytes]:
     """/chat events: one `data: {"reasoning" or "content": ...}` per delta, then the metadata and `[DONE]`.
     A ("model", name) delta sends nothing: it is Groq naming its model, for the access line."""
 
     def encode(piece: list[Delta] | ChatResult) -> bytes:
         if isinstance(piece, ChatResult):  # its model is the one asked for if Groq named none: not logged as Groq's
-            log_result(fields, None, piece.usage, False)
+            if piece.usage is not None:
+                record.note_usage(piece.usage)
             return b"data: %s\n\ndata: [DONE]\n\n" % json.dumps(piece.answer()).encode()
-        if "completion" in fields:
-            fields["completion"] += "".join(text for kind, text in piece if kind == "content")
+        if record.completion is not None:
+            record.completion += "".join(text for kind, text in piece if kind == "content")
         events = []
         for kind, text in piece:
             if kind == "model":
-                fields["model"] = text
+                record.model = text
             else:
                 events.append(_DELTA_EVENT[kind] % json.dumps(text).encode())
         return b"".join(events)
@@ -137,14 +137,14 @@ def chat_encoder(fields: dict[str, Any]) -> Callable[[list[Delta] | ChatResult],
     return encode
 
 
-def relay_encoder(fields: dict[str, Any], strip_usage: bool = False) -> Callable[[list[tuple[bytes, Any]]], bytes]:
+def relay_encoder(record: Record, strip_usage: bool = False) -> Callable[[list[tuple[bytes, Any]]], bytes]:
     """Groq's own events, byte for byte; only usage (and text, with LOG_PROMPTS) is read for the log.
     `strip_usage` drops the usage-only chunk the client did not ask for (quotas ask Groq for it)."""
 
     def encode(events: list[tuple[bytes, Any]]) -> bytes:
         for _, data in events:
             if isinstance(data, dict):
-                note_completion(fields, data)
+                note_completion(record, data)
         if strip_usage:
             events = [
                 e for e in events if not (isinstance(e[1], dict) and e[1].get("choices") == [] and "usage" in e[1])
@@ -154,33 +154,23 @@ def relay_encoder(fields: dict[str, Any], strip_usage: bool = False) -> Callable
     return encode
 
 
-def note_completion(fields: dict[str, Any], data: dict[str, Any]) -> None:
+def note_completion(record: Record, data: dict[str, Any]) -> None:
     """A completion or stream chunk from Groq: the model it names, its usage, and its text with LOG_PROMPTS."""
     if isinstance(model := data.get("model"), str):  # Groq naming its model (metrics learn labels only so)
-        fields["model"] = model
+        record.model = model
     usage = groq_wire.chunk_usage(data)
-    if usage:
-        log_result(fields, None, usage, False)
-    if "completion" in fields:
+    if usage and isinstance(usage, dict):
+        record.note_usage(usage)
+    if record.completion is not None:
         for choice in data.get("choices") or ():
             part = (choice.get("delta") or choice.get("message") or {}).get("content")
-            fields["completion"] += part if isinstance(part, str) else ""
+            record.completion += part if isinstance(part, str) else ""
 
 
-def chat_error_event(error: ServiceError) -> bytes:
-    return b"event: error\ndata: %s\n\n" % error.body(logging_config.REQUEST_ID.get() or "")
-
-
-def openai_error_event(error: ServiceError) -> bytes:
-    return b"data: %s\n\n" % error.body(logging_config.REQUEST_ID.get() or "", openai=True)
-
-
-def log_result(fields: dict[str, Any], model: object, usage: object, completion: str | bool) -> None:
-    """Put what Groq reports (model, token counts, and the text with LOG_PROMPTS) on the access line."""
-    if isinstance(model, str):
-        fields["model"] = model
-    if isinstance(usage, dict):
-        fields["prompt_tokens"] = usage.get("prompt_tokens")
-        fields["completion_tokens"] = usage.get("completion_tokens")
-    if completion is not False:
-        fields["completion"] = completion
+def note_result(record: Record, result: ChatResult) -> None:
+    """A /chat answer from Groq: the model it names, its usage, and its text with LOG_PROMPTS."""
+    record.model = result.model
+    if result.usage is not None:
+        record.note_usage(result.usage)
+    if record.completion is not None:
+        record.completion = result.content

@@ -23,6 +23,7 @@ from test_chat import PROMPT
 import streaming
 from app import create_app
 from config import load_settings
+from record import Record
 
 pytestmark = pytest.mark.both_transports  # every test here runs on httpx and on aiohttp
 
@@ -274,7 +275,12 @@ def test_the_slot_is_freed_when_closing_the_upstream_raises() -> None:
 
     async def run() -> None:
         response = await streaming.start(
-            pieces(), str.encode, lambda error: b"", {}, lambda: released.append(True), receive
+            pieces(),
+            str.encode,
+            lambda error: b"",
+            Record("POST", "/chat", None),
+            lambda: released.append(True),
+            receive,
         )
         scope = {"type": "http", "asgi": {"spec_version": "2.4"}}
         with pytest.raises((RuntimeError, ClientDisconnect)):
@@ -303,7 +309,13 @@ def test_the_slot_is_freed_and_the_upstream_closed_when_the_answer_cannot_be_bui
         head = [("x-ratelimit-reset-tokens", "5\u20acs")]  # a header no response head can carry: not Latin-1
         with pytest.raises(UnicodeEncodeError):
             await streaming.start(
-                pieces(), str.encode, lambda error: b"", {}, lambda: released.append(True), receive, head
+                pieces(),
+                str.encode,
+                lambda error: b"",
+                Record("POST", "/chat", None),
+                lambda: released.append(True),
+                receive,
+                head,
             )
         assert (released, closed) == ([True], [True])  # at once, not when the loop finalizes the generator
 
