@@ -51,7 +51,8 @@ class Record:
 
 
 def access_line(record: Record) -> dict[str, Any]:
-    """The access line's fields: each optional one only once something set it, as before the record existed."""
+    """The access line's fields: `status`, `client` and (last) `duration_ms` always; each other one only once
+    something set it, a flag only when true."""
     line: dict[str, Any] = {}
     if record.method is not None:
         line["method"] = record.method
