@@ -198,16 +198,16 @@ class Metrics:
         `call_started_ms` into the wait on Groq: the calls that failed before it (fallback.py) are their own
         operations."""
         error = record.error or ""
-        started_ms = record.call_started_ms
         # The record's model is None until Groq names one (a completion, a stream chunk): only Groq's names
         # are learned, never a model a client asked for and Groq did not answer (the client may have left first).
         answered = self._model(record.model, learn=not error)
         model = self._model(record.requested_model)
-        upstream_ms = record.upstream_ms
-        ms = record.duration_ms if record.stream or upstream_ms is None else upstream_ms
-        self._child(self.operations, *_GEN_AI, model, error).observe((ms - started_ms) / 1000)
-        if record.stream and upstream_ms is not None:
-            self._child(self.first_token, *_GEN_AI, model, answered).observe((upstream_ms - started_ms) / 1000)
+        ms = record.duration_ms if record.stream or record.upstream_ms is None else record.upstream_ms
+        self._child(self.operations, *_GEN_AI, model, error).observe((ms - record.call_started_ms) / 1000)
+        if record.stream and record.upstream_ms is not None:
+            self._child(self.first_token, *_GEN_AI, model, answered).observe(
+                (record.upstream_ms - record.call_started_ms) / 1000
+            )
         key = record.key or record.key_id or "none"  # Authorize: a keys-file name, or a token's id
         for kind, count in (("input", record.prompt_tokens), ("output", record.completion_tokens)):
             if type(count) is int and count >= 0:  # Groq's count, checked: not a bool, a float or garbage
