@@ -163,7 +163,7 @@ class Service:
         self._upstream()  # 503 before reading the body; the call takes the Upstream of its time (a reload swaps it)
         chat = parse_chat(await self._body(request), allowed_models=self._allowed_models(request))
         model = chat.model or self.settings.groq_model
-        record = self._log_request(request, model, chat.messages)
+        record = self._record_chat(request, model, chat.messages)
         await self._admit(request, chat.params.get("max_tokens") or chat.params.get("max_completion_tokens"))
         chain = self.fallbacks.chain(model, request.scope) if self.fallbacks else None
         limits: list[tuple[str, str]] = []  # Groq's x-ratelimit-*, passed on (quota.py swaps in its own)
@@ -184,7 +184,7 @@ class Service:
         """The groq and openai SDKs' own route: Groq's body and stream relayed as Groq sent them."""
         self._upstream()
         completion = parse_completion(await self._body(request), allowed_models=self._allowed_models(request))
-        record = self._log_request(request, completion.model, completion.body["messages"])
+        record = self._record_chat(request, completion.model, completion.body["messages"])
         body = completion.body
         await self._admit(request, body.get("max_completion_tokens") or body.get("max_tokens"))
         chain = self.fallbacks.chain(completion.model, request.scope) if self.fallbacks else None
@@ -219,7 +219,7 @@ class Service:
             listing["data"] = [m for m in listing["data"] if isinstance(m, dict) and m.get("id") in allowed]
         return _json(listing, headers=limits)
 
-    def _log_request(self, request: Request, model: str, messages: list[Any]) -> Record:
+    def _record_chat(self, request: Request, model: str, messages: list[Any]) -> Record:
         """A chat call's record: the model asked for, and with LOG_PROMPTS the messages (the answer's text follows)."""
         record: Record = request.scope[RECORD]
         record.requested_model = model
