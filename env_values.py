@@ -175,7 +175,7 @@ class Reader:
         if len(value) < MIN_TOKEN_LENGTH:
             raise SettingsError(
                 f"{label} must be at least {MIN_TOKEN_LENGTH} characters; make one with"
-                ' python -c "import secrets; print(secrets.token_urlsafe(24))"; the value is not shown'
+                ' python3 -c "import secrets; print(secrets.token_urlsafe(24))"; the value is not shown'
             )
         return value
 
