@@ -29,7 +29,8 @@ from quota_types import NEVER, Limits, Raw, Ticket
 
 logger = logging.getLogger("service")
 _LATE_IN_A_ROW = 3  # calls in a row past REDIS_TIMEOUT that declare an outage: one slow reply does not
-_BUSY, _FAILED = object(), object()
+_BUSY = object()
+_FAILED = object()
 
 _SCRIPTS = Path(__file__).resolve().parent / "quota_lua"  # shipped beside this module (Dockerfile, .dockerignore)
 _ADMIT = (_SCRIPTS / "admit.lua").read_text()
