@@ -78,15 +78,35 @@ def test_the_size_budget_holds() -> None:
 
 
 def test_the_benchmark_runs(tmp_path: Path) -> None:
-    """A tiny run of bench/run.py, without wrk: the benchmark itself works; no timing is asserted."""
-    out = tmp_path / "bench.md"
-    command = [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--no-wrk", "--out", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    """The smoke run as docs/performance.md shows it (`--quick --no-wrk --out -`): the benchmark itself works,
+    the table goes to stdout and no file is written; no timing is asserted."""
+    command = [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--no-wrk", "--out", "-"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    table = out.read_text()
+    table = result.stdout
+    assert "written to" not in table
     for label in ("CPU per /chat", "throughput c=64, 50 ms upstream", "CPU per forwarded stream chunk", "cold start"):
         assert label in table
     assert re.search(r"\| installed runtime distributions \| 18 \|", table)
+
+
+@pytest.mark.parametrize(
+    ("group", "label"),
+    [
+        ("metrics", "METRICS=true"),
+        ("fallback", "FALLBACK_MODELS"),
+        ("quota", "quota"),
+    ],
+)
+def test_each_group_of_rows_runs_alone(group: str, label: str) -> None:
+    """`bench/run.py --only <group>` (docs/performance.md), bounded by --quick: that group's rows, and no others."""
+    command = [sys.executable, str(ROOT / "bench" / "run.py"), "--only", group, "--quick", "--no-wrk", "--out", "-"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "median" not in line]
+    assert rows[-1].startswith("| installed runtime distributions |")
+    assert rows[:-1] and all(label.lower() in row.lower() for row in rows[:-1]), result.stdout
+    assert "throughput c=64" not in result.stdout  # a row of the full run: not measured
 
 
 def test_a_load_phase_too_short_for_two_answers_still_gives_its_figures(fake: FakeGroq) -> None:

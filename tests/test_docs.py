@@ -5,11 +5,14 @@ started as the docs say and talking to the fake Groq on 127.0.0.1 (the test's ow
 standalone where a block starts it). A command that runs `python app.py` starts the service itself, with the
 variables on its line; a block after an `<!-- docs-test: env VAR=value ... -->` marker gets a service started
 with those variables; any other block uses the service running (the default one if none). Ports 8000 and 9000
-are rewritten to free ones, `.venv/bin/` to this interpreter's, `/tmp/` to the test's own folder, `curl` gets
+are rewritten to free ones, `.venv/bin/` to this interpreter's, `/tmp/` and the deployment's secret files to the
+test's own folder, a `read -rs` prompt gets `TYPED` on its standard input, `curl` gets
 `--fail-with-body` (so a 4xx is a failure, not a printed error body) and `/path/to/checkout` becomes the
 checkout. What a doc shows as output must match: a `# {...}` line under a command (the same keys, nested; the
 same strings unless the doc's holds `...`), a `# → text` line (the text is in the output), and a ```text block
 right after a block (the same sequence of server-sent event shapes). ```python blocks run from another folder.
+Every fence (``` or ~~~, indented or not) is a language run here or one of `DATA`, else the test fails; so does a
+command that would hide its exit status (`|| true`), unless `MASKING_EXEMPT` says why.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from fake_groq import Behaviour, FakeGroq
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SHELL = ("sh", "bash", "console")
+DATA = ("json", "toml", "yaml", "text")  # shown, never typed: JSON, TOML, YAML, server-sent events
 
 # The two fresh-machine commands: they build a venv and run the whole suite (tests/test_process.py checks both).
 FRESH_MACHINE = (
@@ -42,16 +46,19 @@ FRESH_MACHINE = (
 EXEMPT = {
     "pip install --require-hashes": "installs into the venv running this test; tests/test_locks.py installs each lock",
     "bash scripts/lock.sh": "re-resolves the locks against PyPI and rewrites them; tests/test_locks.py checks them",
-    "bench/run.py --quick": "runs for a minute; tests/test_audit.py::test_the_benchmark_runs runs it",
-    "bench/run.py --only": "a load benchmark of minutes; the coordinator runs it on a quiet machine",
+    "bench/run.py --quick": "runs for a minute; tests/test_audit.py::test_the_benchmark_runs runs it as shown",
+    "bench/run.py --only": "minutes of load as shown; tests/test_audit.py runs each group with --quick --no-wrk",
     "docker ": "a container engine, images and ports 8000/8080; tests/test_container.py, tests/test_compose.py",
     "sudo ": "root on a systemd host; tests/test_container.py installs as shown, tests/test_deploy_files.py verifies",
     "sudoedit ": "an editor on a systemd host; tests/test_container.py writes the same files",
-    "deploy/secrets": "the compose recipe's Docker secrets; tests/test_compose.py writes them as shown",
-    "groq-proxy.env": "writes a file holding a secret into the checkout; tests/test_container.py, test_compose.py",
     "bash scripts/wheelhouse.sh": "downloads every lock's wheels from PyPI; tests/test_container.py runs it",
     "Bearer tok_ops_2026_4f1c9a7e": "calls the container of the `docker run` above it; tests/test_container.py",
 }
+
+# What a `read -rs` prompt in the docs is typed (docs/deployment.md: the Groq key, then the client tokens).
+TYPED = ("gsk_typed_at_the_prompt", "tok_typed_1,tok_typed_2")
+# A command that masks its exit status (see `masking`) fails the test unless it holds one of these, with why.
+MASKING_EXEMPT: dict[str, str] = {}
 
 
 @dataclass
@@ -83,20 +90,30 @@ class Block:
         return commands
 
 
-def blocks(doc: Path) -> list[Block]:
+FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})(.*)$")  # CommonMark: any indent, backticks or tildes, an info string
+
+
+def blocks(doc: Path, text: str | None = None) -> list[Block]:
+    """Every fenced block of a document (or of `text`, shown as that document), its language the info string's
+    first word ("" for a bare fence): nothing fenced is skipped, see `unhandled`."""
     found: list[Block] = []
     env: dict[str, str] | None = None
-    lines = doc.read_text().splitlines()
+    lines = (doc.read_text() if text is None else text).splitlines()
     index, last_end = 0, -10
     while index < len(lines):
         line = lines[index]
         marker = re.fullmatch(r"<!-- docs-test: env (.+) -->", line)
-        fence = re.fullmatch(r"```(\w+)", line)
+        fence = FENCE.match(line)
         if marker:
             env = dict(item.split("=", 1) for item in marker.group(1).split())
         elif fence:
-            end = lines.index("```", index + 1)
-            block = Block(doc, index + 1, fence.group(1), "\n".join(lines[index + 1 : end]) + "\n", env, None)
+            indent, marks, info = fence.groups()
+            closing = re.compile(rf"\s*{marks[0]}{{{len(marks)},}}\s*")
+            end = next((i for i in range(index + 1, len(lines)) if closing.fullmatch(lines[i])), None)
+            assert end is not None, f"{doc.relative_to(ROOT)}:{index + 1}: a fence that is never closed"
+            body = [text_line.removeprefix(indent) for text_line in lines[index + 1 : end]]
+            lang = info.split()[0] if info.strip() else ""
+            block = Block(doc, index + 1, lang, "\n".join(body) + "\n", env, None)
             if block.lang == "text" and found and found[-1].lang in SHELL and index == last_end + 2:
                 found[-1].output = block.text  # a ```text block right after a command block: its output
             else:
@@ -108,12 +125,24 @@ def blocks(doc: Path) -> list[Block]:
     return found
 
 
+def unhandled(found: list[Block]) -> list[str]:
+    """The blocks whose language this test neither runs nor knows to be data: each one a failure, not a skip."""
+    return [f"{block}: ```{block.lang}" for block in found if block.lang not in {*SHELL, "python", *DATA}]
+
+
+def masking(command: str) -> bool:
+    """A command whose exit status would not be its own: `|| true`, `|| :`, `; true` at the end, any `||`,
+    `set +e`. The test would pass it whatever it did."""
+    return bool(re.search(r"\|\||;\s*(true|:)\s*(#.*)?$|\bset \+e\b", command))
+
+
 class Session:
     """The service (and a standalone fake) the blocks of one document run against."""
 
-    def __init__(self, fake: FakeGroq, folder: Path) -> None:
+    def __init__(self, fake: FakeGroq, folder: Path, interpreter: Path = Path(sys.executable)) -> None:
         self.fake = fake
         self.folder = folder
+        self.interpreter = interpreter
         self.port = free_port()
         self.fake_port = free_port()
         self.service: Process | None = None
@@ -124,8 +153,12 @@ class Session:
         text = re.sub(r"(localhost|127\.0\.0\.1):8000", rf"\1:{self.port}", text)
         text = text.replace("127.0.0.1:9000", f"127.0.0.1:{self.fake_port}")
         text = text.replace("--port 9000", f"--port {self.fake_port}")
-        text = text.replace(".venv/bin/", f"{Path(sys.executable).parent}/")
-        text = text.replace("/tmp/", f"{self.folder}/")  # noqa: S108 (the docs' scratch files, moved here)
+        # The docs' scratch files, moved here, before the interpreter's path is put in (a checkout may be under
+        # /tmp/ itself); only paths that start there, not a /tmp/ or .venv/bin/ inside another path.
+        text = re.sub(r"(?<![\w/.-])/tmp/", lambda _: f"{self.folder}/", text)
+        text = re.sub(r"(?<![\w/.-])\.venv/bin/", lambda _: f"{self.interpreter.parent}/", text)
+        secrets = r"(?<![\w/.-])((deploy/)?groq-proxy\.env|deploy/secrets)"  # files docs/deployment.md writes
+        text = re.sub(secrets, lambda match: f"{self.folder}/{match[1]}", text)
         text = text.replace("/path/to/checkout", str(ROOT))
         return re.sub(r"\bcurl ", "curl --fail-with-body ", text)
 
@@ -153,6 +186,9 @@ class Session:
             self.start(f"{sys.executable} app.py", block.env)
         output = ""
         for command in block.commands():
+            assert not masking(command.text) or any(key in command.text for key in MASKING_EXEMPT), (
+                f"{block}: {command.text} hides its exit status: the test would pass whatever it did"
+            )
             if any(command.text.startswith(fresh) for fresh in FRESH_MACHINE):
                 continue
             exempt = [key for key in EXEMPT if key in command.text]
@@ -196,8 +232,11 @@ class Session:
         assert ready.wait(30) and first[0].strip(), f"{block}: {command} printed nothing"
 
     def shell(self, text: str, block: Block) -> str:
+        # cwd: the checkout, so docs/deployment.md's `$PWD/.venv` (what `systemd-analyze verify` checks the unit's
+        # ExecStart against) is the checkout's venv, which scripts/test.sh creates.
         result = subprocess.run(
             ["bash", "-o", "pipefail", "-c", text],
+            input="\n".join(TYPED) + "\n" if "read -rs" in text else None,
             cwd=ROOT,
             env=self.environ(),
             capture_output=True,
@@ -298,8 +337,8 @@ def test_every_exemption_names_a_documented_command() -> None:
 
 def test_only_shell_and_python_blocks_are_left_unrun() -> None:
     """Any other fence is data shown (JSON, TOML, YAML, server-sent events), never a command to type."""
-    langs = {block.lang for doc in DOCS for block in blocks(doc)}
-    assert langs <= {*SHELL, "python", "json", "toml", "yaml", "text"}, langs
+    problems = [problem for doc in DOCS for problem in unhandled(blocks(doc))]
+    assert not problems, problems
 
 
 def _readme_stream_snippet() -> Block:
@@ -375,3 +414,99 @@ def test_every_relative_link_reaches_its_file_and_heading() -> None:
             if not file.exists() or (anchor and file.suffix == ".md" and anchor not in anchors(file)):
                 broken.append(f"{doc.relative_to(ROOT)}: {target}")
     assert not broken, broken
+
+
+PROBE = """\
+1. A step:
+
+   ```sh
+   echo indented in a list
+   ```
+
+~~~bash
+echo tildes
+~~~
+
+```
+a bare fence
+```
+
+```sh\x20
+echo trailing space after the language
+```
+
+```shell-session
+$ echo a language this test does not run
+```
+
+````sh
+echo a longer fence, holding ```
+````
+"""
+
+
+def test_the_parser_finds_every_fence_and_flags_the_languages_it_does_not_run() -> None:
+    found = blocks(ROOT / "README.md", PROBE)
+    assert [(block.line, block.lang, block.text) for block in found] == [
+        (3, "sh", "echo indented in a list\n"),
+        (7, "bash", "echo tildes\n"),
+        (11, "", "a bare fence\n"),
+        (15, "sh", "echo trailing space after the language\n"),
+        (19, "shell-session", "$ echo a language this test does not run\n"),
+        (23, "sh", "echo a longer fence, holding ```\n"),
+    ]
+    assert unhandled(found) == ["README.md:11: ```", "README.md:19: ```shell-session"]
+
+
+@pytest.mark.parametrize(
+    ("command", "masked"),
+    [
+        ("curl -s localhost:8000/healthz || true", True),
+        ("curl -s localhost:8000/healthz || :", True),
+        ("curl -s localhost:8000/healthz || echo down", True),
+        ("curl -s localhost:8000/healthz; true", True),
+        ("curl -s localhost:8000/healthz ; :   # whatever happens", True),
+        ("set +e; curl -s localhost:8000/healthz", True),
+        ("curl -s localhost:8000/healthz && echo up", False),
+        ("curl -s localhost:8000/healthz | tail -n 1", False),  # run with pipefail
+    ],
+)
+def test_a_command_that_hides_its_exit_status_is_refused(command: str, masked: bool, session: Session) -> None:
+    assert masking(command) is masked
+    if masked:
+        with pytest.raises(AssertionError, match="hides its exit status"):
+            session.run_block(Block(ROOT / "README.md", 1, "sh", command + "\n", None, None))
+
+
+def test_paths_are_rewritten_only_where_they_start(fake: FakeGroq, tmp_path: Path) -> None:
+    """A checkout under /tmp/: its interpreter's path keeps its /tmp/; the docs' own /tmp/ files move."""
+    session = Session(fake, tmp_path / "scratch", interpreter=Path("/tmp/checkout/.venv/bin/python"))  # noqa: S108
+    shown = ".venv/bin/python bench/run.py > /tmp/out.md && cat /tmp/out.md /opt/app/.venv/bin/x deploy/secrets/a"
+    assert session.rewrite(shown) == (
+        f"/tmp/checkout/.venv/bin/python bench/run.py > {tmp_path}/scratch/out.md && cat {tmp_path}/scratch/out.md"  # noqa: S108
+        f" /opt/app/.venv/bin/x {tmp_path}/scratch/deploy/secrets/a"
+    )
+
+
+def test_the_secrets_typed_at_the_prompt_reach_their_files_and_nothing_else(session: Session) -> None:
+    """docs/deployment.md's `read -rs` commands: the typed key and tokens land in files only their owner reads, and
+    nothing echoes them."""
+    deployment = [block for block in blocks(ROOT / "docs" / "deployment.md") if "read -rs" in block.text]
+    assert len(deployment) == 2
+    for block in deployment:
+        session.run_block(block)
+        for command in block.commands():
+            if "read -rs" in command.text:  # once more, for its output
+                output = session.shell(session.rewrite(command.text), block)
+                assert output == "\n\n", output  # the two `echo`s after the prompts, nothing typed
+    key, tokens = TYPED
+    files = {
+        "groq-proxy.env": f"GROQ_API_KEY={key}\nSERVICE_API_KEYS={tokens}\n",
+        "deploy/secrets/groq_api_key": key,
+        "deploy/secrets/service_api_keys": tokens,
+    }
+    for name, content in files.items():
+        path = session.folder / name
+        assert path.read_text() == content
+        assert path.stat().st_mode & 0o777 == 0o600, name
+    assert (session.folder / "deploy" / "secrets").stat().st_mode & 0o777 == 0o700
