@@ -76,15 +76,18 @@ def assigned_on_self(cls: type) -> set[str]:
             source = textwrap.dedent(inspect.getsource(klass))
         except (OSError, TypeError):  # a class from C: no source to read
             continue
-        for node in ast.walk(ast.parse(source)):
-            targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
-            for target in targets:
-                if (
-                    isinstance(target, ast.Attribute)
-                    and isinstance(target.value, ast.Name)
-                    and target.value.id == "self"
-                ):
-                    names.add(target.attr)
+        names |= assigned_in(ast.parse(source))
+    return names
+
+
+def assigned_in(tree: ast.AST) -> set[str]:
+    """The names assigned as `self.<name>` anywhere in a piece of source."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        for target in targets:
+            if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id == "self":
+                names.add(target.attr)
     return names
 
 

@@ -18,21 +18,37 @@ import h11
 import pytest
 import uvicorn
 from conftest import ROOT
-from internals_check import Row, assigned_on_self, check, resolve, rows
+from internals_check import Row, check, resolve, rows
+from internals_uses import provided, returning, taken, typed_locals, uses
 from uvicorn.supervisors import multiprocess
 
 from workers import Workers
 
 TABLE = ROOT / "docs" / "internals.md"
 H11 = "uvicorn.protocols.http.h11_impl.H11Protocol"
-# Our classes built on uvicorn's, and the uvicorn classes whose attributes and hooks they take.
+HTTPTOOLS = "uvicorn.protocols.http.httptools_impl.HttpToolsProtocol"  # read from its source without httptools
+# Our classes built on uvicorn's, and the uvicorn classes whose attributes and hooks they take (AutoHTTPProtocol is
+# either protocol).
 SUBCLASSES = {
-    "GuardedProtocol": [H11],
-    "WriteDeadline": [H11],  # a mixin on the same protocol
+    "GuardedProtocol": [H11, HTTPTOOLS],
+    "WriteDeadline": [H11, HTTPTOOLS],  # a mixin on the same protocol
     "_Server": ["uvicorn.Server"],
     "Workers": ["uvicorn.supervisors.Multiprocess"],
 }
-CYCLE = "uvicorn.protocols.http.h11_impl.RequestResponseCycle"  # `self.cycle` of H11Protocol
+# What the uvicorn attributes whose own attributes we use hold (`processes[]`: its items): each used attribute of
+# theirs is a row of the object(s) named; () for the standard library's objects, whose attributes are documented.
+HELD = {
+    "cycle": (
+        "uvicorn.protocols.http.h11_impl.RequestResponseCycle",
+        "uvicorn.protocols.http.httptools_impl.RequestResponseCycle",
+    ),
+    "conn": ("h11.Connection",),
+    "config": ("uvicorn.Config",),
+    "lifespan": ("uvicorn.lifespan.on.LifespanOn",),
+    "processes[]": ("uvicorn.supervisors.multiprocess.Process",),
+    "transport": (),  # asyncio's transport (framing.py wraps it)
+    "app_state": (),  # a dict
+}
 
 
 def _httptools_installed() -> bool:
@@ -52,7 +68,10 @@ def test_the_table_names_pinned_packages_and_modules_that_use_each_attribute() -
         for module in row.modules:
             path = ROOT / module
             assert path.is_file(), f"docs/internals.md names {module} for {row.key()}: no such module"
-            assert row.attribute in path.read_text(), f"{module} does not use {row.attribute} ({row.key()}) any more"
+            # Used in its code, or named in backticks: a reliance with no code of its own (workers.py relies on
+            # `handle_signals` calling the `handle_hup` it defines).
+            used = row.attribute in uses(path.read_text()) or f"`{row.attribute}`" in path.read_text()
+            assert used, f"{module} does not use {row.attribute} ({row.key()}) any more"
     assert len({row.key() for row in table}) == len(table), "a row is listed twice"
 
 
@@ -115,34 +134,99 @@ def _our_class(name: str) -> ast.ClassDef:
     raise AssertionError(f"no class {name} in the service's modules: update SUBCLASSES in tests/test_internals.py")
 
 
-def _taken(node: ast.ClassDef) -> tuple[set[str], set[str]]:
-    """The names a class of ours uses on `self` (attributes and the methods it defines), and on `self.cycle`."""
-    names = {item.name for item in node.body if isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef)}
-    on_cycle = set()
-    for child in ast.walk(node):
-        if isinstance(child, ast.Attribute) and isinstance(child.value, ast.Name) and child.value.id == "self":
-            names.add(child.attr)
-        if (
-            isinstance(child, ast.Attribute)
-            and isinstance(child.value, ast.Attribute)
-            and isinstance(child.value.value, ast.Name)
-            and (child.value.value.id, child.value.attr) == ("self", "cycle")
-        ):
-            on_cycle.add(child.attr)
-    return {name for name in names if not name.startswith("__")}, on_cycle
+def _listed() -> set[tuple[str, str]]:
+    return {(row.object, row.attribute) for row in rows(TABLE.read_text())}
+
+
+def _unlisted(node: ast.ClassDef, bases: list[str]) -> list[str]:
+    """What a class of ours takes from its uvicorn bases, directly or through what their attributes hold, that is
+    not a row of docs/internals.md."""
+    listed, found, problems = _listed(), taken(node), []
+    for base in bases:
+        inherited = provided(base)
+        unlisted = sorted(name for name in found.on_self if name in inherited and (base, name) not in listed)
+        problems += [f"{node.name} uses {base}'s {name}" for name in unlisted]
+        for attribute, used in sorted(found.held.items()):
+            if attribute.removesuffix("[]") not in inherited or not used:
+                continue
+            if attribute not in HELD:
+                problems.append(f"{node.name} uses {sorted(used)} of {base}'s {attribute}: add it to HELD")
+                continue
+            problems += [
+                f"{node.name} uses {held}'s {name}"
+                for held in HELD[attribute]
+                for name in sorted(used)
+                if (held, name) not in listed
+            ]
+    return problems
 
 
 @pytest.mark.parametrize("name", sorted(SUBCLASSES))
 def test_every_attribute_and_hook_our_subclasses_take_from_uvicorn_is_in_the_table(name: str) -> None:
-    listed = {(row.object, row.attribute) for row in rows(TABLE.read_text())}
-    names, on_cycle = _taken(_our_class(name))
-    for base in SUBCLASSES[name]:
-        cls = resolve(base)
-        inherited = {n for n in names if hasattr(cls, n) or n in assigned_on_self(cls)}
-        unlisted = sorted(n for n in inherited if (base, n) not in listed)
-        assert not unlisted, f"{name} uses {base}'s {', '.join(unlisted)}: add a row to docs/internals.md for each"
-    unlisted = sorted(n for n in on_cycle if (CYCLE, n) not in listed)
-    assert not unlisted, f"{name} uses the request cycle's {', '.join(unlisted)}: add a row to docs/internals.md"
+    problems = _unlisted(_our_class(name), SUBCLASSES[name])
+    assert not problems, "add a row to docs/internals.md for each:\n" + "\n".join(problems)
+
+
+def test_every_uvicorn_object_a_function_of_ours_makes_is_used_only_as_the_table_says() -> None:
+    """`config = uvicorn_config(...)` then `config.bind_socket()` (server.py): a row of uvicorn.Config."""
+    trees = [ast.parse(path.read_text()) for path in sorted(ROOT.glob("*.py"))]
+    found = [local for tree in trees for local in typed_locals(tree, returning(trees))]
+    assert ("config", "uvicorn.Config", {"bind_socket"}) in found
+    listed = _listed()
+    unlisted = sorted(
+        f"{local}.{name} ({made})" for local, made, used in found for name in used if (made, name) not in listed
+    )
+    assert not unlisted, f"add a row to docs/internals.md for each: {unlisted}"
+
+
+PROBE = """
+class Probe(GuardedProtocol):
+    def data_received(self, data):
+        conn = getattr(self, "conn", None)
+        if conn.their_role and self.parser and getattr(self, "flow", None) and self.cycle.keep_alive:
+            super().data_received(data)
+
+
+class Supervisor(Workers):
+    def handle_hup(self):
+        for process in self.processes:
+            process.is_alive()
+
+
+def main():
+    config = uvicorn_config()
+    config.load()
+"""
+
+
+def test_uses_through_getattr_locals_and_httptools_alone_are_found() -> None:
+    """What the checks above find, on a probe: `getattr(self, ...)`, a name only httptools' protocol has (`parser`,
+    from uvicorn's source where httptools is not installed), attributes of what `self.conn`, `self.cycle` and the
+    items of `self.processes` hold, and of a `uvicorn.Config` a function of ours returns."""
+    assert "url" in provided(HTTPTOOLS) and "parser" in provided(HTTPTOOLS) and "url" not in provided(H11)
+    tree = ast.parse(PROBE)
+    probe, supervisor = (node for node in tree.body if isinstance(node, ast.ClassDef))
+    assert _unlisted(probe, SUBCLASSES["GuardedProtocol"]) == [
+        f"Probe uses {H11}'s flow",
+        "Probe uses h11.Connection's their_role",
+        f"Probe uses {HELD['cycle'][0]}'s keep_alive",
+        f"Probe uses {HELD['cycle'][1]}'s keep_alive",
+        f"Probe uses {HTTPTOOLS}'s flow",
+        f"Probe uses {HTTPTOOLS}'s parser",
+        f"Probe uses {HELD['cycle'][0]}'s keep_alive",
+        f"Probe uses {HELD['cycle'][1]}'s keep_alive",
+    ]
+    assert _unlisted(supervisor, SUBCLASSES["Workers"]) == [f"Supervisor uses {HELD['processes[]'][0]}'s is_alive"]
+    returns = {"uvicorn_config": "uvicorn.Config"}
+    assert typed_locals(tree, returns) == [("config", "uvicorn.Config", {"load"})]
+
+
+def test_a_row_names_a_module_that_uses_the_whole_name() -> None:
+    """`pid` in `rapid`, `app` in `happy` or `url` in a comment are no use of the attribute."""
+    assert {"pid", "app", "url"}.isdisjoint(uses("rapid = happy  # the url\n"))
+    assert {"pid", "url", "conn", "handle_hup"} <= uses(
+        "from h11 import conn\ndef handle_hup(self):\n    getattr(self, 'url')\n    process.pid\n"
+    )
 
 
 def test_uvicorns_supervisor_still_dispatches_sighup_to_handle_hup() -> None:
