@@ -3,12 +3,14 @@
 Every import counts: at the top of a module, inside a function (the optional features' lazy imports), and under
 `if TYPE_CHECKING:` (a type named from above is still a dependency on what is above). An import string such as
 uvicorn's "app:app" is not an import. A module new to the repository fails `test_every_module_has_a_layer` until
-it is added to LAYERS below, in the lowest layer above everything it imports.
+it is added to LAYERS below, in the lowest layer above everything it imports, and to the same layer of the list in
+docs/architecture.md ("Layers"), which must equal LAYERS.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -121,6 +123,28 @@ def test_every_module_has_a_layer_and_imports_only_lower_layers() -> None:
     assert not problems, "\n".join(problems)
 
 
+def documented_layers(text: str) -> list[set[str]]:
+    """The numbered list under "## Layers" in docs/architecture.md: each item's modules, the names in backticks
+    before its first ": " (its description follows), checked to be numbered 0, 1, 2, ... in order."""
+    section = text.partition("\n## Layers\n")[2].partition("\n## ")[0]
+    items = re.findall(r"^(\d+)\. (.*(?:\n   .*)*)", section, flags=re.MULTILINE)
+    assert [int(number) for number, _ in items] == list(range(len(items))), "the layers are not numbered 0, 1, 2, ..."
+    return [set(re.findall(r"`(\w+)`", item.partition(": ")[0])) for _, item in items]
+
+
+def test_the_architecture_page_lists_these_layers() -> None:
+    documented = documented_layers((ROOT / "docs" / "architecture.md").read_text())
+    layers = [modules for _, modules in LAYERS]
+    differ = [
+        f"layer {i}: {sorted(d)} in the page, {sorted(m)} in LAYERS"
+        for i, (d, m) in enumerate(zip(documented, layers, strict=False))
+        if d != m
+    ]
+    assert documented == layers, (
+        f"docs/architecture.md's Layers list ({len(documented)} layers) is not LAYERS ({len(layers)}): {differ}"
+    )
+
+
 def test_each_module_is_in_one_layer() -> None:
     seen: dict[str, str] = {}
     for name, modules in LAYERS:
@@ -152,6 +176,15 @@ def _tree(tmp_path: Path, modules: dict[str, str]) -> Path:
 )
 def test_find_circle_names_the_circle(tmp_path: Path, modules: dict[str, str], circle: list[str] | None) -> None:
     assert find_circle(import_graph(_tree(tmp_path, modules))) == circle
+
+
+def test_documented_layers_reads_the_modules_before_each_description() -> None:
+    text = (
+        "# Page\n\n## Layers\n\nThe rule.\n\n0. `a` `b`: on `c`,\n   and `d`.\n1. `e`: top.\n\n## Next\n\n0. `f`: no.\n"
+    )
+    assert documented_layers(text) == [{"a", "b"}, {"e"}]
+    with pytest.raises(AssertionError, match="numbered"):
+        documented_layers(text.replace("1. `e`", "2. `e`"))
 
 
 def test_layer_problems_name_an_upward_import_and_an_unknown_module(tmp_path: Path) -> None:
