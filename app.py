@@ -171,9 +171,8 @@ class Service:
         if chat.stream:
             record.stream = True
             pieces = self._upstream().chat_stream(body, chain, limits)
-            encode = streaming.chat_encoder(record)
             return await streaming.start(
-                pieces, encode, chat_error_event, record, self._release, request.receive, limits
+                pieces, streaming.chat_encoder(record), chat_error_event, record, self._release, request.receive, limits
             )
         with self._slot(record):
             result = await while_connected(request.receive, self._upstream().chat(body, chain, limits))
@@ -222,7 +221,7 @@ class Service:
     def _record_chat(self, request: Request, model: str, messages: list[Any]) -> Record:
         """A chat call's record: the model asked for, and with LOG_PROMPTS the messages (the answer's text follows)."""
         record: Record = request.scope[RECORD]
-        record.requested_model = model
+        record.call_model = model
         if self.settings.log_prompts:
             record.messages = messages
             record.completion = ""

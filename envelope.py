@@ -1,8 +1,8 @@
 """The error envelope: the JSON answer for a ServiceError, the event that ends a started stream with one, and
 the app's handlers that answer the errors raised in a route.
 
-Below every module that answers an error (the middleware, Authorize, the stream relay, the shutdown deadline,
-framing.py), so none of them imports another to do it.
+Below every module that answers an error (the middleware, Authorize, the app's handlers, the shutdown deadline,
+framing.py), so none of them imports another to do it; the app hands a stream's error event to streaming.py.
 """
 
 from __future__ import annotations

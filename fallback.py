@@ -128,7 +128,7 @@ class Chain:
         self._record.attempts = i + 2
         self._record.model = following  # the last model tried, until Groq's answer names its own
         # Metrics: the next call is the one the request reports, measured from its own start.
-        self._record.requested_model = following
+        self._record.call_model = following
         self._record.call_started_ms = elapsed_ms(self._began)
         if self._fallbacks.on_fallback is not None:
             self._fallbacks.on_fallback(failed, following, exc.type, time.perf_counter() - started)

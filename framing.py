@@ -25,7 +25,6 @@ import h11
 from starlette.types import Message, Receive, Scope, Send
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-import logging_config
 from envelope import is_sdk_route
 from errors import HeadersTooLarge, InvalidRequest, ServiceError
 from record import Record, access_line, elapsed_ms
@@ -217,12 +216,9 @@ class GuardedProtocol(WriteDeadline, AutoHTTPProtocol):  # type: ignore[misc, va
         """The access line RequestLog writes, for a request refused before the app saw it (before its head was
         parsed: no method or path)."""
         peer = f"{self.client[0]}:{self.client[1]}" if self.client else None
-        record = Record(
-            method, path, peer, status=error.status, error=error.type, duration_ms=elapsed_ms(self._head_started)
-        )
-        token = logging_config.REQUEST_ID.set(request_id)
+        record = Record(method, path, peer, request_id=request_id, status=error.status, error=error.type)
+        record.duration_ms = elapsed_ms(self._head_started)
         logger.info("request", extra={"fields": access_line(record)})
-        logging_config.REQUEST_ID.reset(token)
         if (metrics := self.app_state.get("metrics")) is not None:  # METRICS=true (Service.lifespan's state)
             metrics.refused_below(record)
 

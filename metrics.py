@@ -190,7 +190,7 @@ class Metrics:
         error = record.error
         if error is not None and error not in _NOT_REFUSALS:
             self._child(self.refused, error).inc()
-        if record.requested_model is not None and error not in _GROQ_NOT_CALLED:
+        if record.call_model is not None and error not in _GROQ_NOT_CALLED:
             self._call(record)
 
     def _call(self, record: Record) -> None:
@@ -201,7 +201,7 @@ class Metrics:
         # The record's model is None until Groq names one (a completion, a stream chunk): only Groq's names
         # are learned, never a model a client asked for and Groq did not answer (the client may have left first).
         answered = self._model(record.model, learn=not error)
-        model = self._model(record.requested_model)
+        model = self._model(record.call_model)
         ms = record.duration_ms if record.stream or record.upstream_ms is None else record.upstream_ms
         self._child(self.operations, *_GEN_AI, model, error).observe((ms - record.call_started_ms) / 1000)
         if record.stream and record.upstream_ms is not None:

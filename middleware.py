@@ -44,7 +44,7 @@ class RequestLog:
         token = logging_config.REQUEST_ID.set(request_id)
         client = scope.get("client")
         peer = f"{client[0]}:{client[1]}" if client else None
-        record = scope[RECORD] = Record(scope["method"], scope["path"], peer)
+        record = scope[RECORD] = Record(scope["method"], scope["path"], peer, request_id=request_id)
         finished = self._observe(scope) if self._observe else None
         id_header = (b"x-request-id", request_id.encode())
         response_started = False

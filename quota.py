@@ -122,7 +122,9 @@ class Quota:
 
     async def settle(self, ticket: Ticket, record: Record) -> bool:
         """Book Groq's usage (the record's token counts) in place of the reservation; True: tell METRICS (`report`)."""
-        prompt, completion, error = record.prompt_tokens, record.completion_tokens, record.error
+        prompt = record.prompt_tokens
+        completion = record.completion_tokens
+        error = record.error
         tokens = None  # unknown: the reservation stands
         if _count(prompt) and _count(completion):
             tokens = prompt + completion

@@ -21,10 +21,14 @@ class Record:
     method: str | None  # None: refused before its head was parsed (framing.py); not on the line then
     path: str | None
     peer: str | None  # "host:port" of the socket's peer; the line's `client`
+    request_id: str | None = None  # the X-Request-ID echoed (the client's, or made here); every other log line
+    # of the request takes it from logging_config.REQUEST_ID
     status: int = 500  # as the server took it; 499 when the client left before any status
     key: str | None = None  # Authorize: the SERVICE_KEYS_FILE entry's name...
     key_id: str | None = None  # ... or the 8-hex id of a SERVICE_API_KEYS token
-    requested_model: str | None = None  # a chat call's model: as asked for, then the fallback called (fallback.py)
+    # A chat call's model: the one asked for, then each fallback as it is called (fallback.py; the model asked
+    # for is then `fallback_from`). Metrics label the call with it; the line's `model` until Groq names one.
+    call_model: str | None = None
     model: str | None = None  # Groq's, once it names one; before that the fallback tried last
     stream: bool = False  # a chat call asked Groq for a stream
     call_started_ms: float = 0.0  # into the wait on Groq, when the call reported began (after failed fallbacks)
@@ -54,6 +58,8 @@ def access_line(record: Record) -> dict[str, Any]:
     """The access line's fields: `status`, `client` and (last) `duration_ms` always; each other one only once
     something set it, a flag only when true."""
     line: dict[str, Any] = {}
+    if record.request_id is not None:
+        line["request_id"] = record.request_id
     if record.method is not None:
         line["method"] = record.method
     if record.path is not None:
@@ -64,8 +70,8 @@ def access_line(record: Record) -> dict[str, Any]:
         line["key"] = record.key
     if record.key_id is not None:
         line["key_id"] = record.key_id
-    if record.requested_model is not None:  # a chat call: the model Groq named, else the one asked for
-        line["model"] = record.model if record.model is not None else record.requested_model
+    if record.call_model is not None:  # a chat call: the model Groq named, else the one asked for
+        line["model"] = record.model if record.model is not None else record.call_model
     if record.stream:
         line["stream"] = True
     if record.messages is not None:

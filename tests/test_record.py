@@ -22,10 +22,11 @@ def test_a_fully_set_record_renders_every_field_in_its_fixed_order() -> None:
         "POST",
         "/v1/chat/completions",
         "127.0.0.1:40000",
+        request_id="req-1",
         status=503,
         key="batch",
         key_id="0123abcd",  # Authorize sets one of the two; the renderer shows whichever is set
-        requested_model="a/asked",
+        call_model="a/asked",
         model="b/answered",
         stream=True,
         call_started_ms=7.5,  # for metrics only: never on the line
@@ -45,6 +46,7 @@ def test_a_fully_set_record_renders_every_field_in_its_fixed_order() -> None:
     )
     line = access_line(record)
     assert line == {
+        "request_id": "req-1",
         "method": "POST",
         "path": "/v1/chat/completions",
         "status": 503,
@@ -66,7 +68,7 @@ def test_a_fully_set_record_renders_every_field_in_its_fixed_order() -> None:
         "disconnected": True,
         "duration_ms": 30.5,
     }
-    assert list(line)[:4] == ALWAYS and list(line)[-1] == "duration_ms"
+    assert list(line)[:5] == ["request_id", *ALWAYS] and list(line)[-1] == "duration_ms"
 
 
 def test_a_minimal_record_renders_only_what_every_line_has() -> None:
@@ -92,8 +94,8 @@ def test_a_request_refused_before_its_head_was_parsed_has_no_method_or_path() ->
 @pytest.mark.parametrize(
     ("attributes", "shown"),
     [
-        ({"requested_model": "a/asked"}, {"model": "a/asked"}),  # Groq named no model: the one asked for
-        ({"requested_model": "a/asked", "model": "b/named"}, {"model": "b/named"}),
+        ({"call_model": "a/asked"}, {"model": "a/asked"}),  # Groq named no model: the one asked for
+        ({"call_model": "a/asked", "model": "b/named"}, {"model": "b/named"}),
         ({"stream": False, "disconnected": False}, {}),  # false flags are left out, not written as false
         ({"usage_reported": True}, {"prompt_tokens": None, "completion_tokens": None}),  # a usage without counts
         ({"prompt_tokens": "11"}, {}),  # no usage reported: no counts shown
