@@ -192,13 +192,19 @@ class Service:
             record.stream = True
             body, strip_usage = self.quota.ask_for_usage(body) if self.quota else (body, False)
             events = self._upstream().stream_events(body, chain, limits)
-            encode = streaming.relay_encoder(record, strip_usage)
             return await streaming.start(
-                events, encode, openai_error_event, record, self._release, request.receive, limits
+                events,
+                streaming.relay_encoder(record, strip_usage),
+                openai_error_event,
+                record,
+                self._release,
+                request.receive,
+                limits,
             )
         with self._slot(record):
-            call = self._upstream().complete(completion.body, chain, limits)
-            raw, data = await while_connected(request.receive, call)
+            raw, data = await while_connected(
+                request.receive, self._upstream().complete(completion.body, chain, limits)
+            )
         streaming.note_completion(record, data)
         return Response(raw, headers=dict(limits), media_type=_JSON)
 

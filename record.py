@@ -26,8 +26,9 @@ class Record:
     status: int = 500  # as the server took it; 499 when the client left before any status
     key: str | None = None  # Authorize: the SERVICE_KEYS_FILE entry's name...
     key_id: str | None = None  # ... or the 8-hex id of a SERVICE_API_KEYS token
-    # A chat call's model: the one asked for, then each fallback as it is called (fallback.py; the model asked
-    # for is then `fallback_from`). Metrics label the call with it; the line's `model` until Groq names one.
+    # A chat call's model: the one asked for, then each fallback as it is called (fallback.py). The model the
+    # client asked for is `fallback_from` once a fallback was called, else this. Metrics label the call with it;
+    # the line's `model` until Groq names one.
     call_model: str | None = None
     model: str | None = None  # Groq's, once it names one; before that the fallback tried last
     stream: bool = False  # a chat call asked Groq for a stream

@@ -171,3 +171,28 @@ def test_a_feature_that_is_off_imports_nothing(env: dict[str, str], added: list[
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == sorted([*DEFAULT_MODULES, *added])
+
+
+def test_the_audit_guide_gives_each_file_s_lines_and_the_budgets_as_they_are() -> None:
+    """docs/audit.md's table of lines per file, its row totals and the budgets, against the files themselves."""
+    from size_budget import DEFAULT_BUDGET, DEFAULT_MODULES, TOTAL_BUDGET, _counts
+
+    counts = _counts()
+    guide = (ROOT / "docs" / "audit.md").read_text()
+    table = guide.split("| runs | modules, with their lines | lines |", 1)[1].split("\n\n", 1)[0]
+    wrong = []
+    for row in table.splitlines()[2:]:
+        what, modules, lines = row.strip("| ").split(" | ")
+        shown = {name: int(count) for name, count in re.findall(r"`([\w/.]+)` (\d+)", modules)}
+        wrong += [
+            f"{name}: {count} shown, {counts[name]} in the file"
+            for name, count in shown.items()
+            if counts[name] != count
+        ]
+        total = sum(counts.values()) if what == "all" else sum(counts[name] for name in shown)
+        if int(lines.split(" ")[0].replace(",", "")) != total:
+            wrong.append(f"{what}: {lines} shown, {total:,} lines")
+    default = sum(counts[name] for name in DEFAULT_MODULES)
+    assert f"runs {len(DEFAULT_MODULES)} modules, {default:,} lines" in guide
+    assert f"(budget {DEFAULT_BUDGET:,})" in table and f"(budget {TOTAL_BUDGET:,})" in table
+    assert not wrong, wrong
