@@ -10,7 +10,6 @@ import inspect
 import json
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import uvicorn
 from conftest import ROOT
 from internals_check import Row, check, resolve, rows
 from internals_uses import provided, returning, taken, typed_locals, uses
+from test_locks import install_locks
 from uvicorn.supervisors import multiprocess
 
 from workers import Workers
@@ -88,18 +88,7 @@ def test_every_internal_is_there_on_the_pinned_packages_here() -> None:
 
 
 def test_every_internal_is_there_in_a_fresh_venv_of_the_fast_deployment(tmp_path: Path) -> None:
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    python = str(venv / "bin" / "python")
-    locks = ["-r", str(ROOT / "requirements.txt"), "-r", str(ROOT / "requirements-fast.txt")]
-    pip = [python, "-m", "pip", "--disable-pip-version-check"]
-    install = subprocess.run(
-        [*pip, "install", "--quiet", "--require-hashes", "--no-deps", *locks],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert install.returncode == 0, install.stderr[-2000:]
+    python = install_locks(tmp_path, ["requirements.txt", "requirements-fast.txt"])[0]
     script = Path(__file__).with_name("internals_check.py")
     result = subprocess.run([python, str(script), str(TABLE)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

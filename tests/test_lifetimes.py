@@ -255,6 +255,12 @@ def test_a_stream_whose_response_fails_to_start_frees_its_slot(
     assert json.loads(b"".join(m.get("body", b"") for m in sent[1:]))["content"] == "Hello from the fake Groq server."
 
 
+async def _no_disconnect() -> Message:
+    """`receive` for a client that stays: it never sends another message."""
+    await asyncio.Event().wait()
+    raise AssertionError("unreachable")
+
+
 def test_the_slot_is_freed_when_closing_the_upstream_raises() -> None:
     released: list[bool] = []
 
@@ -264,10 +270,6 @@ def test_the_slot_is_freed_when_closing_the_upstream_raises() -> None:
             yield "two"
         finally:
             raise RuntimeError("closing the upstream failed")
-
-    async def receive() -> Message:
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
 
     async def send(message: Message) -> None:
         if message["type"] == "http.response.body" and message.get("body"):
@@ -280,11 +282,11 @@ def test_the_slot_is_freed_when_closing_the_upstream_raises() -> None:
             lambda error: b"",
             Record("POST", "/chat", None),
             lambda: released.append(True),
-            receive,
+            _no_disconnect,
         )
         scope = {"type": "http", "asgi": {"spec_version": "2.4"}}
         with pytest.raises((RuntimeError, ClientDisconnect)):
-            await response(scope, receive, send)
+            await response(scope, _no_disconnect, send)
 
     asyncio.run(run())
     assert released == [True]
@@ -301,10 +303,6 @@ def test_the_slot_is_freed_and_the_upstream_closed_when_the_answer_cannot_be_bui
         finally:
             closed.append(True)
 
-    async def receive() -> Message:
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
-
     async def run() -> None:
         head = [("x-ratelimit-reset-tokens", "5\u20acs")]  # a header no response head can carry: not Latin-1
         with pytest.raises(UnicodeEncodeError):
@@ -314,7 +312,7 @@ def test_the_slot_is_freed_and_the_upstream_closed_when_the_answer_cannot_be_bui
                 lambda error: b"",
                 Record("POST", "/chat", None),
                 lambda: released.append(True),
-                receive,
+                _no_disconnect,
                 head,
             )
         assert (released, closed) == ([True], [True])  # at once, not when the loop finalizes the generator

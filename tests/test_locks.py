@@ -23,9 +23,9 @@ INSTALLS = [
 ]
 
 
-@pytest.mark.parametrize("locks", INSTALLS, ids=lambda locks: "+".join(locks))
-def test_each_lock_installs_alone_and_is_complete(locks: list[str], tmp_path: Path) -> None:
-    venv = tmp_path / "venv"
+def install_locks(directory: Path, locks: list[str]) -> list[str]:
+    """A fresh venv in `directory` with these locks installed as a fresh machine does; its `python -m pip`."""
+    venv = directory / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check"]
     requirements = [arg for lock in locks for arg in ("-r", str(ROOT / lock))]
@@ -36,6 +36,12 @@ def test_each_lock_installs_alone_and_is_complete(locks: list[str], tmp_path: Pa
         timeout=600,
     )
     assert install.returncode == 0, install.stderr[-2000:]
+    return pip
+
+
+@pytest.mark.parametrize("locks", INSTALLS, ids=lambda locks: "+".join(locks))
+def test_each_lock_installs_alone_and_is_complete(locks: list[str], tmp_path: Path) -> None:
+    pip = install_locks(tmp_path, locks)
     check = subprocess.run([*pip, "check"], capture_output=True, text=True, timeout=120)
     assert check.returncode == 0, f"{locks} is not complete:\n{check.stdout}{check.stderr}"
 

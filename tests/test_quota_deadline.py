@@ -4,8 +4,10 @@ redis-py hook these tests keep honest, and a busy loop's time is not counted aga
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -19,6 +21,27 @@ from config import load_settings
 from quota_types import Limits
 
 LIMITS = Limits(0, 1_000_000, 0)
+
+
+@contextlib.asynccontextmanager
+async def loop_held(seconds: float) -> AsyncIterator[list[int]]:
+    """A task that holds the event loop `seconds` at a time, running nothing else meanwhile (as parsing a large
+    body does), until the block ends. What it yields counts its turns."""
+    turns = [0]
+    running = True
+
+    async def hog() -> None:
+        while running:
+            time.sleep(seconds)
+            turns[0] += 1
+            await asyncio.sleep(0)
+
+    busy = asyncio.create_task(hog())
+    try:
+        yield turns
+    finally:
+        running = False
+        await busy
 
 
 def test_a_hung_redis_is_cut_at_the_deadline_not_at_the_backstop(redis_server: RedisServer) -> None:
@@ -69,20 +92,11 @@ def test_the_wait_for_a_connection_is_not_counted_in_the_deadline(
 
     async def scenario() -> list[str]:
         store = quota_redis.Shared(settings)
-        running = True
-
-        async def hog() -> None:
-            while running:
-                time.sleep(0.01)  # the loop runs nothing else meanwhile, as while parsing a large body
-                await asyncio.sleep(0)
-
-        busy = asyncio.create_task(hog())
         try:
-            calls = [store.admit("local", LIMITS, 1, True) for _ in range(30)]
-            answers = await asyncio.gather(*calls, return_exceptions=True)
+            async with loop_held(0.01):
+                calls = [store.admit("local", LIMITS, 1, True) for _ in range(30)]
+                answers = await asyncio.gather(*calls, return_exceptions=True)
         finally:
-            running = False
-            await busy
             await store.aclose()
         return [a.type if isinstance(a, errors.ServiceError) else type(a).__name__ for a in answers]
 
@@ -102,27 +116,16 @@ def test_a_hung_redis_on_a_busy_loop_is_given_twenty_steps_of_it(redis_server: R
 
     async def scenario() -> tuple[str, int]:
         store = quota_redis.Shared(settings)
-        running, turns = True, 0
-
-        async def hog() -> None:
-            nonlocal turns
-            while running:
-                time.sleep(0.01)
-                turns += 1
-                await asyncio.sleep(0)
-
-        busy = asyncio.create_task(hog())
         try:
-            first = await store.admit("local", LIMITS, 10, True)
-            password.pause()
-            before = turns
-            with pytest.raises(errors.QuotaUnavailable):
-                await store.admit("local", LIMITS, 10, True)
-            return type(first).__name__, turns - before
+            async with loop_held(0.01) as turns:
+                first = await store.admit("local", LIMITS, 10, True)
+                password.pause()
+                before = turns[0]
+                with pytest.raises(errors.QuotaUnavailable):
+                    await store.admit("local", LIMITS, 10, True)
+                return type(first).__name__, turns[0] - before
         finally:
-            running = False
             password.resume()
-            await busy
             await store.aclose()
 
     try:

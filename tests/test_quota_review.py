@@ -26,6 +26,7 @@ from conftest import Process, free_port, groq_env
 from fake_groq import Behaviour, FakeGroq
 from redis_server import RedisServer
 from test_quota import PROMPT, concurrent_posts, reserved, usage_tokens, wait_for
+from test_quota_deadline import loop_held
 
 import errors
 import quota_redis
@@ -58,19 +59,10 @@ def test_the_redis_deadline_does_not_count_time_the_loop_spent_elsewhere(redis_s
 
     async def scenario() -> list[int]:
         store = quota_redis.Shared(settings)
-        running = True
-
-        async def hog() -> None:
-            while running:
-                time.sleep(0.2)  # the loop runs nothing else meanwhile, as while parsing a large body
-                await asyncio.sleep(0)
-
-        busy = asyncio.create_task(hog())
         try:
-            answers = [await store.admit("local", limits, 10, True) for _ in range(5)]
+            async with loop_held(0.2):
+                answers = [await store.admit("local", limits, 10, True) for _ in range(5)]
         finally:
-            running = False
-            await busy
             await store.aclose()
         return [raw.minute_used for raw in answers if raw is not None]
 
